@@ -68,6 +68,9 @@ class VisionConfig:
     num_heads: int = 2
     select_layer: int = -2  # hidden_states index; -2 = penultimate layer
     drop_cls: bool = True
+    # DreamLLM freezes CLIP in every stage. A randomly initialised encoder (tiny preset) has nothing
+    # worth freezing, so the tiny preset trains it; any pretrained encoder stays frozen.
+    freeze: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -105,6 +108,9 @@ class DecoderConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
     condition_drop_prob: float = 0.1  # training: share of conditions replaced by the empty prompt's
+    # DreamLLM keeps Stable Diffusion frozen. The tiny preset's pixel-space UNet starts from random
+    # init (no pretrained one exists at 16 px), so it trains; a pretrained decoder stays frozen.
+    freeze: bool = True
 
 
 @dataclass
@@ -162,8 +168,14 @@ class ModelConfig:
 
 
 def tiny() -> ModelConfig:
-    """CPU preset: random init from config, pixel-space decoder; trains in minutes on 2 cores."""
-    return ModelConfig()
+    """CPU preset: random init from config, pixel-space decoder; trains in minutes on 2 cores.
+
+    Nothing here is pretrained, so the vision encoder and the decoder train with the rest.
+    """
+    cfg = ModelConfig()
+    cfg.vision.freeze = False
+    cfg.decoder.freeze = False
+    return cfg
 
 
 def dreamllm_7b() -> ModelConfig:
