@@ -1,0 +1,151 @@
+"""Fast unit tests of the training job's pieces: config, DeepSpeed JSON, metrics, data checks, CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_helpers import make_data_folder, small_model_config  # noqa: E402
+
+from dreamcore.config import ConfigError  # noqa: E402
+from pipelines.train.config import TrainConfig, load_train_config  # noqa: E402
+from pipelines.train.data import check_data_folder  # noqa: E402
+from pipelines.train.deepspeed_config import deepspeed_config  # noqa: E402
+from pipelines.train.metrics import (  # noqa: E402
+    MetricsWriter,
+    mfu,
+    peak_flops,
+    progress_line,
+    read_metrics,
+    train_flops_per_token,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data_folder(tmp_path_factory.mktemp("train-data"), small_model_config(), num_docs=8)
+
+
+def test_recipe_fields_are_settable_through_overrides(tmp_path):
+    yaml_file = tmp_path / "recipe.yaml"
+    yaml_file.write_text("optim:\n  lr: 0.003\nmicro_batch_size: 16\n")
+    cfg = load_train_config(
+        "tiny", yaml_file, ["max_steps=123", "grad_accum=2", "model.loss.vm_weight=5", "optim.lr=0.002"],
+        stage="I-creation", workers=2,
+    )
+    assert cfg.optim.lr == 0.002  # --set wins over the YAML file
+    assert cfg.micro_batch_size == 16 and cfg.max_steps == 123 and cfg.grad_accum == 2
+    assert cfg.model.loss.vm_weight == 5.0 and cfg.model.stage == "I-creation"
+    assert cfg.scaling.workers == 2
+
+
+def test_bad_config_names_the_key():
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_train_config("tiny", None, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_train_config("tiny", None, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match="bf16 needs GPUs"):
+        load_train_config("tiny", None, ["deepspeed.precision=bf16"])
+
+
+def test_deepspeed_json_follows_the_dataclass():
+    cfg = load_train_config("tiny", None, ["micro_batch_size=4", "grad_accum=3", "optim.lr=0.01",
+                                           "max_steps=500", "optim.warmup_steps=20", "optim.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 0.01
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["scheduler"]["params"]["total_num_steps"] == 500
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 20
+    assert ds["zero_optimization"]["stage"] == 2  # ZeRO-2 default
+    assert ds["bf16"]["enabled"] is False  # CPU: fp32
+    gpu = load_train_config("tiny", None, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"], gpu=True)
+    ds_gpu = deepspeed_config(gpu, world_size=8)
+    assert ds_gpu["bf16"]["enabled"] is True and ds_gpu["fp16"]["enabled"] is False
+    assert ds_gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds_gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    json.dumps(ds_gpu)  # plain JSON, as written to the run folder
+
+
+def test_mfu_formula():
+    # 1B params, 16 layers, hidden 2048, 2048 tokens: 6N + 12 L H T.
+    per_token = train_flops_per_token(10**9, 16, 2048, 2048)
+    assert per_token == pytest.approx(6e9 + 12 * 16 * 2048 * 2048)
+    peak = peak_flops("NVIDIA H100 80GB HBM3")
+    assert peak == pytest.approx(989.4e12)
+    assert mfu(50_000, per_token, 1, peak) == pytest.approx(50_000 * per_token / 989.4e12)
+    assert mfu(50_000, per_token, 2, peak) == pytest.approx(mfu(50_000, per_token, 1, peak) / 2)
+    assert peak_flops("cpu") is None and mfu(1.0, 1.0, 1, None) is None
+    assert peak_flops("anything", override_tflops=100) == 1e14
+
+
+def test_progress_line_and_metrics_files(tmp_path):
+    row = {"step": 10, "epoch": 0, "loss": 1.5, "lm_loss": 0.5, "vm_loss": 0.1, "lr": 1e-3, "grad_norm": 1.0,
+           "tokens_per_s": 1234.0, "images_per_s": 12.5, "samples_per_s": 8.0, "step_time_s": 0.2,
+           "mfu": 0.41, "elapsed_s": 2.0}
+    line = progress_line(row, max_steps=100, eta_s=90)
+    for part in ("step 10/100", "lm 0.5000", "vm 0.1000", "1234 tok/s", "12.5 img/s", "MFU 41.0%", "ETA 1m30s"):
+        assert part in line
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer.write(row)
+    writer.write(row | {"step": 11, "loss": 1.4})
+    writer.write(row | {"step": 11, "loss": 1.3})  # a resumed run rewrites step 11: the last one wins
+    writer.close()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [10, 11] and rows[1]["loss"] == 1.3
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 4  # header + 3 rows
+
+
+def test_data_folder_checks(data_dir, tmp_path):
+    cfg = small_model_config()
+    assert len(check_data_folder(data_dir, cfg)) == 1
+    with pytest.raises(ConfigError, match="no such folder"):
+        check_data_folder(tmp_path / "missing", cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no .parquet shards"):
+        check_data_folder(tmp_path / "empty", cfg)
+    cfg.max_seq_len = 128
+    with pytest.raises(ConfigError, match="model.max_seq_len=64"):
+        check_data_folder(data_dir, cfg)
+
+
+def test_frozen_modules_cast_to_bf16_and_kept_out_of_optimizer():
+    from dreamcore.model import DreamLLM
+    from dreamcore.tokenizer import DreamTokenizer
+    from pipelines.train.loop import cast_frozen, trainable_parameters
+
+    cfg = small_model_config()
+    cfg.vision.freeze = True
+    cfg.decoder.freeze = True
+    tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries, ["a red circle"] * 4)
+    model = DreamLLM(cfg, tok)
+    cast = cast_frozen(model, torch.bfloat16)
+    assert set(cast) == {"vision", "decoder"}
+    assert all(p.dtype == torch.bfloat16 for p in model.vision.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.decoder.parameters())
+    assert all(p.dtype == torch.float32 for p in model.llm.parameters())
+    trainable = {id(p) for p in trainable_parameters(model)}
+    assert not trainable & {id(p) for p in model.vision.parameters()}
+    assert not trainable & {id(p) for p in model.decoder.parameters()}
+    assert id(model.dream_queries) in trainable
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from dreamcore.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "run")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
+                 "--set", "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_defaults_are_valid():
+    assert TrainConfig().validate().precision == "fp32"
