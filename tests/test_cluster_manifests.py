@@ -1,0 +1,284 @@
+"""The cluster configurations are checked offline, as strictly as a real cluster would check them.
+
+No Kubernetes API server or cloud account is reachable here, so:
+- KubeRay manifests are validated against the CRDs' openAPIV3Schema (../shared/kuberay-crds) with
+  unknown fields as errors, like `kubectl --validate=strict` (the CRDs alone would prune them silently);
+- the RayService's serveConfigV2 is parsed with Ray Serve's own schema and compared with
+  cluster/serve.yaml (one application, two launchers), then built with the app builder;
+- RayJob runtimeEnvYAML is parsed with Ray's RuntimeEnv;
+- cluster/aws.yaml goes through the autoscaler's own `prepare_config` + `validate_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+jsonschema = pytest.importorskip("jsonschema")
+
+REPO = Path(__file__).resolve().parents[1]
+KUBERAY = REPO / "cluster" / "kuberay"
+MANIFESTS = {
+    "raycluster.yaml": "RayCluster",
+    "rayjob-curate.yaml": "RayJob",
+    "rayjob-train.yaml": "RayJob",
+    "rayservice.yaml": "RayService",
+}
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayService": "ray.io_rayservices.yaml"}
+
+# The parameters users set before `envsubst` (docs/operations.md lists the same names).
+EXAMPLE_PARAMS = {
+    "DREAMCORE_IMAGE": "registry.example.com/dreamcore:0.1.0-gpu",
+    "DREAMCORE_STORAGE": "s3://example-bucket/dreamcore",
+    "DREAMCORE_INPUT": "s3://example-bucket/raw/mmc4/docs_shard_0.jsonl.gz",
+    "DREAMCORE_DATASET": "mmc4-v1",
+    "DREAMCORE_RUN": "stage2-r1",
+}
+
+# metadata is `type: object` in every CRD (the API server checks it as ObjectMeta); these are the
+# ObjectMeta fields a manifest may set.
+OBJECT_META = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "required": ["name"],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def render(text: str, params: dict[str, str] = EXAMPLE_PARAMS) -> str:
+    """What `envsubst` does with these parameters; a placeholder left unset is an error here."""
+    return string.Template(text).substitute(params)
+
+
+def load_manifest(name: str) -> dict[str, Any]:
+    return yaml.safe_load(render((KUBERAY / name).read_text()))
+
+
+def strict(schema: Any) -> Any:
+    """A copy of an openAPIV3Schema in which every object with `properties` refuses unknown keys.
+
+    Kubernetes quirks kept as they mean: `x-kubernetes-preserve-unknown-fields` objects stay open,
+    maps (`additionalProperties` given) stay maps, int-or-string (`anyOf` integer|string) is left
+    to jsonschema's anyOf, and a bare `type: object` without properties (opaque, e.g. pod
+    `metadata` inside templates is typed, but some leaves are not) is left open.
+    """
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_schema(shared_dir: Path, kind: str) -> dict[str, Any]:
+    path = shared_dir / "kuberay-crds" / CRD_FILES[kind]
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    crd = yaml.safe_load(path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
+    schema = strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    schema["properties"]["metadata"] = OBJECT_META
+    schema["properties"].pop("status", None)  # the operator writes status, never a manifest
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"})
+    schema["properties"]["apiVersion"] = {"const": f"ray.io/{version['name']}"}
+    schema["properties"]["kind"] = {"const": kind}
+    return schema
+
+
+def schema_errors(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft7Validator(schema)
+    return sorted(
+        f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(doc)
+    )
+
+
+def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [g["template"] for g in groups]
+
+
+# ----------------------------------------------------------------------------------------------
+# KubeRay manifests
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_manifest_validates_strictly_against_kuberay_crd(shared_dir, name):
+    doc = load_manifest(name)
+    assert doc["kind"] == MANIFESTS[name]
+    errors = schema_errors(doc, crd_schema(shared_dir, MANIFESTS[name]))
+    assert not errors, f"{name} does not validate:\n" + "\n".join(errors)
+
+
+def test_strict_validation_catches_a_misspelled_field(shared_dir):
+    # The check must be able to fail: a typo deep in a pod template and one in the Ray spec.
+    schema = crd_schema(shared_dir, "RayCluster")
+    doc = load_manifest("raycluster.yaml")
+    doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resource"] = {}
+    doc["spec"]["enableInTreeAutoscalling"] = True
+    doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "x"
+    errors = "\n".join(schema_errors(doc, schema))
+    assert "'resource' was unexpected" in errors
+    assert "'enableInTreeAutoscalling' was unexpected" in errors
+    assert "containerPort" in errors
+
+
+def test_int_or_string_quantities_accept_both_forms(shared_dir):
+    schema = crd_schema(shared_dir, "RayCluster")
+    doc = load_manifest("raycluster.yaml")
+    res = doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    res["requests"]["cpu"] = 8  # integer form of a Quantity
+    assert not schema_errors(doc, schema)
+    res["requests"]["cpu"] = ["8"]
+    assert schema_errors(doc, schema)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_every_placeholder_is_a_documented_parameter(name):
+    text = (KUBERAY / name).read_text()
+    used = set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text))
+    # envsubst replaces every $NAME, so a manifest may hold no other `$` (e.g. in shell snippets).
+    assert used <= set(EXAMPLE_PARAMS), f"{name} uses undocumented variables {used - set(EXAMPLE_PARAMS)}"
+    ops = (REPO / "docs" / "operations.md").read_text()
+    for param in used:
+        assert param in ops, f"{param} is not documented in docs/operations.md"
+    assert "$" not in render(text)
+
+
+def test_autoscaling_and_worker_groups():
+    cluster = load_manifest("raycluster.yaml")["spec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    assert groups["cpu"]["maxReplicas"] > groups["cpu"]["minReplicas"]
+    assert groups["gpu"]["maxReplicas"] > groups["gpu"]["minReplicas"]
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in str(groups["cpu"]["template"])
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_no_ray_port_is_exposed_and_token_auth_is_on(name):
+    doc = load_manifest(name)
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    # ShadowRay (CVE-2023-48022): the dashboard/Jobs (8265), client (10001) and GCS (6379) ports
+    # run arbitrary code for whoever reaches them; they stay on the cluster network.
+    assert cluster["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not cluster["headGroupSpec"].get("enableIngress", False)
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "dreamcore-ray-token"}
+    for template in pod_templates(doc):
+        for c in template["spec"]["containers"]:
+            assert c["image"] == EXAMPLE_PARAMS["DREAMCORE_IMAGE"]
+            for port in c.get("ports", []):
+                assert "hostPort" not in port, f"{name}: {c['name']} binds a host port"
+
+
+# ----------------------------------------------------------------------------------------------
+# RayJobs
+
+
+def _ray_job(name: str) -> dict[str, Any]:
+    return load_manifest(name)["spec"]
+
+
+@pytest.mark.parametrize("name,stage", [("rayjob-curate.yaml", "curate"), ("rayjob-train.yaml", "train")])
+def test_rayjob_runs_the_project_cli_with_a_valid_runtime_env(name, stage):
+    from ray.runtime_env import RuntimeEnv
+
+    spec = _ray_job(name)
+    argv = spec["entrypoint"].split()
+    assert argv[:4] == ["python", "-m", "dreamcore.cli", stage]
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env, dict)
+    RuntimeEnv(**runtime_env)  # raises on unknown or malformed runtime_env fields
+    assert spec["shutdownAfterJobFinishes"] is True  # the job's cluster goes away with the job
+    # Output goes to the object store, under the documented layout.
+    storage = EXAMPLE_PARAMS["DREAMCORE_STORAGE"]
+    assert f"{storage}/data/{EXAMPLE_PARAMS['DREAMCORE_DATASET']}" in spec["entrypoint"]
+
+
+def test_rayjob_arguments_parse_with_the_stage_verbs():
+    """The entrypoints' flags are the verbs' real flags (once the verbs exist)."""
+    import argparse
+    import importlib
+
+    from dreamcore.cli import VERBS
+
+    for name, stage in (("rayjob-curate.yaml", "curate"), ("rayjob-train.yaml", "train")):
+        try:
+            module = importlib.import_module(VERBS[stage][0])
+        except ModuleNotFoundError:
+            pytest.skip(f"{VERBS[stage][0]} has not landed yet")
+        parser = argparse.ArgumentParser(prog=f"dreamcore {stage}")
+        module.add_arguments(parser)
+        argv = _ray_job(name)["entrypoint"].split()[4:]
+        parser.parse_args(argv)  # SystemExit (a test failure) on an unknown flag
+
+
+def test_training_job_requests_what_it_trains_on():
+    spec = _ray_job("rayjob-train.yaml")
+    argv = spec["entrypoint"].split()
+    workers = int(argv[argv.index("--workers") + 1])
+    gpu_groups = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert len(gpu_groups) == 1 and "--gpu" in argv
+    group = gpu_groups[0]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    # Ray Train needs every worker at once: the group must be able to hold all of them.
+    assert group["maxReplicas"] * gpus >= workers
+    assert f"{EXAMPLE_PARAMS['DREAMCORE_STORAGE']}/runs/{EXAMPLE_PARAMS['DREAMCORE_RUN']}" in spec["entrypoint"]
+
+
+# ----------------------------------------------------------------------------------------------
+# `ray up`
+
+
+def test_ray_up_config_passes_the_autoscaler_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)
+    types = config["available_node_types"]
+    assert {"head", "cpu", "gpu"} <= set(types)
+    assert types["head"]["resources"].get("CPU") == 0  # no work on the head
+    assert types["gpu"]["resources"].get("GPU", 0) >= 1
+    assert types["gpu"]["max_workers"] > types["gpu"]["min_workers"]
+    # The autoscaler would reject a typo too (its schema is strict): keep the check able to fail.
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu"]["max_worker"] = 4
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(broken))
+
+
+def test_ray_up_config_keeps_ray_ports_private():
+    raw = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    text = yaml.safe_dump(raw)
+    for port in ("8265", "10001", "6379"):
+        assert f"FromPort: {port}" not in text and f"ToPort: {port}" not in text
+    assert "RAY_AUTH_MODE=token" in text
+
