@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +307,8 @@ class DreamTokenizer:
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a text chunk, no BOS/EOS."""
-        return list(self.hf.encode(text, add_special_tokens=False))
+        # split_special_tokens: a document that contains "<im_patch>" as text must not forge a slot.
+        return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; slot and block tokens are special, so they vanish with skip_special_tokens."""
@@ -354,20 +356,21 @@ class DreamTokenizer:
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a layout; choose one of {', '.join(MODES)}")
-        self._check_parts(parts)
-        if not any((isinstance(p, str) and p) or not isinstance(p, str) for p in parts):
+        parts = self._check_parts(parts)
+        if not any(p != "" for p in parts):
             raise EmptyDocumentError("document has no text and no images; nothing to train on")
         if max_len is not None and max_len < 2:
             raise ValueError(f"max_len={max_len} cannot hold even BOS and EOS; use max_len >= 2")
 
-        texts = [p for p in parts if isinstance(p, str) and p]
-        images = [p for p in parts if not isinstance(p, str)]
+        tokens = self._tokenize_parts(parts)  # one batched call; str parts become token lists
+        texts = [p for p in tokens if isinstance(p, list)]
+        images = [p for p in tokens if isinstance(p, int)]
         if mode == "image-to-text":
             items: list[tuple[str, Any]] = [("image", i) for i in images] + [("text", t) for t in texts]
         elif mode == "text-to-image":
             items = [("context", t) for t in texts] + [("dream", i) for i in images]
         else:
-            items = [("text", p) if isinstance(p, str) else ("both", p) for p in parts if p != ""]
+            items = [("text", p) if isinstance(p, list) else ("both", p) for p in tokens]
 
         enc = self._layout(items, room=None, max_images=max_images)
         if max_len is None or len(enc) <= max_len:
@@ -377,12 +380,12 @@ class DreamTokenizer:
         return self._layout(items, room=max_len, max_images=max_images)
 
     def _truncate_caption(
-        self, texts: list[str], images: list[int], max_len: int, max_images: int | None
+        self, texts: list[list[int]], images: list[int], max_len: int, max_images: int | None
     ) -> EncodedDocument:
         """text-to-image over max_len: cut the caption, not the dream blocks (they hold the target)."""
         keep = min(len(images), max_images if max_images is not None else len(images),
                    (max_len - 2) // self.dream_block_len)
-        caption = [t for text in texts for t in self.encode_text(text)]
+        caption = [t for text in texts for t in text]
         budget = max_len - 2 - keep * self.dream_block_len
         items = [("context", caption[:budget])] + [("dream", i) for i in images]
         enc = self._layout(items, room=None, max_images=keep)
@@ -394,21 +397,37 @@ class DreamTokenizer:
 
         Given images are read, not drawn, so they get no dream block. Labels are all -100.
         """
-        self._check_parts(parts)
-        items = [("context", p) if isinstance(p, str) else ("image", p) for p in parts if p != ""]
+        tokens = self._tokenize_parts(self._check_parts(parts))
+        items = [("context", p) if isinstance(p, list) else ("image", p) for p in tokens]
         enc = self._layout(items, room=None, max_images=None, eos=False)
         enc.labels = [IGNORE_INDEX] * len(enc.input_ids)
         return enc
 
+    def _tokenize_parts(self, parts: list[Part]) -> list[list[int] | int]:
+        """Non-empty text parts -> token lists (one batched tokenizer call); image indices kept."""
+        texts = [p for p in parts if isinstance(p, str) and p]
+        if not texts:
+            return [p for p in parts if not isinstance(p, str)]
+        # split_special_tokens: a document that contains "<im_patch>" as text must not forge a slot.
+        encoded = iter(self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return [next(encoded) if isinstance(p, str) else p for p in parts if p != ""]
+
     @staticmethod
-    def _check_parts(parts: Sequence[Part]) -> None:
+    def _check_parts(parts: Sequence[Part]) -> list[Part]:
+        """Parts as plain str/int (numpy integers from Arrow columns are accepted), or a TypeError."""
         if isinstance(parts, str):
             raise TypeError("parts must be a list of text chunks and image indices, not one string; wrap it: [text]")
+        out: list[Part] = []
         for i, p in enumerate(parts):
-            if isinstance(p, bool) or not isinstance(p, (str, int)) or (isinstance(p, int) and p < 0):
+            if isinstance(p, str):
+                out.append(p)
+            elif isinstance(p, numbers.Integral) and not isinstance(p, bool) and p >= 0:
+                out.append(int(p))
+            else:
                 raise TypeError(
                     f"parts[{i}] = {p!r}: a part is a text chunk (str) or an image index (int >= 0)"
                 )
+        return out
 
     def _layout(
         self,
@@ -427,8 +446,8 @@ class DreamTokenizer:
             return (room - len(ids)) if room is not None else 1 << 62
 
         for kind, value in items:
-            if kind in ("text", "context"):
-                tokens = (value if isinstance(value, list) else self.encode_text(value))[: max(0, left())]
+            if kind in ("text", "context"):  # value: token ids
+                tokens = value[: max(0, left())]
                 ids.extend(tokens)
                 labels.extend(tokens if kind == "text" else [IGNORE_INDEX] * len(tokens))
                 enc.num_text_tokens += len(tokens)

@@ -318,3 +318,25 @@ def test_content_hash_stable_and_sensitive(tok):
     assert other_corpus.content_hash() != tok.content_hash()
     other_slots = DreamTokenizer.build(TokenizerConfig(vocab_size=300), N + 1, Q, corpus_texts=CORPUS)
     assert other_slots.content_hash() != tok.content_hash()
+
+
+def test_special_token_text_in_a_document_cannot_forge_a_slot(tok):
+    enc = tok.encode_document(["see <im_patch><dream_start> and </s> here"])
+    forged = {tok.im_patch_id, tok.dream_start_id, tok.im_start_id}
+    assert not forged & set(enc.input_ids)
+    assert enc.input_ids.count(tok.eos_id) == 1  # only the real EOS at the end
+    assert "<im_patch>" in tok.decode(enc.input_ids)
+
+
+def test_numpy_integer_image_parts_are_accepted(tok):
+    import numpy as np
+
+    assert tok.encode_document(["a", np.int32(0)]) == tok.encode_document(["a", 0])
+
+
+def test_tokenizer_pickles_for_ray_workers(tok):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode_document(["a red square", 0]) == tok.encode_document(["a red square", 0])
+    assert again.content_hash() == tok.content_hash()
