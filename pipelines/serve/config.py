@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreamcore.config import ConfigError, load_config, to_dict
+from dreamcore.config import ConfigError, load_config, merge, to_dict
 
 
 @dataclass
@@ -149,8 +149,8 @@ def load_serve_config(
 ) -> ServeConfig:
     """Defaults <- YAML file <- `key=value` overrides <- explicit keyword values (CLI flags)."""
     cfg = load_config(ServeConfig(), path, overrides)
-    extra = [f"{k}={v}" for k, v in values.items() if v is not None]
-    return load_config(cfg, None, extra) if extra else cfg
+    given = {k: v for k, v in values.items() if v is not None}
+    return merge(cfg, given) if given else cfg
 
 
 def deployment_options(name: str, settings: DeploymentSettings, retry_after_s: float) -> dict[str, Any]:

@@ -196,8 +196,9 @@ class TextEngine:
             positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens start at 0
         else:
             x = torch.stack(seqs)  # (B, 1, D)
-        out = self.model.hidden_states(x, mask, position_ids=positions, past_key_values=past, use_cache=True)
-        return out.last_hidden_state, out.past_key_values, mask, positions
+        # transformers 5 names the KV cache `cache` (argument and output field).
+        out = self.model.hidden_states(x, mask, position_ids=positions, cache=past, use_cache=True)
+        return out.last_hidden_state, out.cache, mask, positions
 
     # -- sampling --------------------------------------------------------------------------------
 
