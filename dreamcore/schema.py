@@ -27,3 +27,72 @@ SAMPLE_SCHEMA = pa.schema(
     ],
     metadata={"dreamcore.schema_version": SCHEMA_VERSION, "dreamcore.kind": "sample"},
 )
+
+# ----------------------------------------------------------------------------------------------
+# Curation (pipelines/curate): the document row that flows read -> crawl -> filter -> tokenize,
+# and the rejected rows written to DIR/rejected/. Dropped documents and images stay in the row
+# with the stage and reason that dropped them, so every count in the manifest comes from rows.
+
+CURATE_IMAGE_TYPE = pa.struct(
+    [
+        pa.field("url", pa.string()),
+        pa.field("matched_text_index", pa.int32()),
+        pa.field("matched_sim", pa.float32()),
+        pa.field("drop_stage", pa.string()),  # "" while kept
+        pa.field("reason", pa.string()),  # "" while kept; a short reason name otherwise
+        pa.field("error", pa.string()),  # human-readable detail behind the reason
+        pa.field("http_status", pa.int32()),
+        pa.field("sha256", pa.string()),  # of the downloaded bytes (img2dataset does the same)
+        pa.field("phash", pa.string()),  # perceptual hash (hex) of the stored image
+        pa.field("orig_width", pa.int32()),
+        pa.field("orig_height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("num_bytes", pa.int64()),  # downloaded size
+        pa.field("data", pa.binary()),  # stored image (PNG at the configured resolution)
+    ]
+)
+
+CURATE_DOC_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),  # "<shard name>:<line or row>"
+        pa.field("shard", pa.string(), nullable=False),  # input shard path or URI
+        pa.field("url", pa.string()),
+        pa.field("texts", pa.list_(pa.string())),
+        pa.field("similarity", pa.list_(pa.list_(pa.float32()))),  # images x sentences; [] if none
+        pa.field("drop_stage", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("images", pa.list_(CURATE_IMAGE_TYPE)),
+    ],
+    metadata={"dreamcore.schema_version": SCHEMA_VERSION, "dreamcore.kind": "curate_document"},
+)
+
+# One row per dropped document or image (image_index -1: the row is a document).
+REJECTED_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("image_index", pa.int32(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ],
+    metadata={"dreamcore.schema_version": SCHEMA_VERSION, "dreamcore.kind": "rejected"},
+)
+
+# A curation document after the tokenize stage's encode step (in memory between Ray Data steps,
+# never a published file): the layout of the document, whose images are `enc_images` (indices
+# into `images`), ready to be packed into SAMPLE_SCHEMA rows.
+CURATE_ENCODED_SCHEMA = pa.schema(
+    list(CURATE_DOC_SCHEMA)
+    + [
+        pa.field("enc_input_ids", pa.list_(pa.int32())),
+        pa.field("enc_labels", pa.list_(pa.int32())),
+        pa.field("enc_image_slots", pa.list_(pa.int32())),
+        pa.field("enc_dream_slots", pa.list_(pa.int32())),
+        pa.field("enc_images", pa.list_(pa.int32())),
+    ],
+    metadata={"dreamcore.schema_version": SCHEMA_VERSION, "dreamcore.kind": "curate_encoded"},
+)

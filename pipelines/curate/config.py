@@ -1,0 +1,145 @@
+"""CurateConfig: every knob of the curation job, loaded through `dreamcore.config.load_config`.
+
+Defaults follow img2dataset (crawl) and MMC4 / OBELICS (filters); `embedded()` is the preset the
+demo and tests use (loopback images allowed, thresholds fit the small synthetic images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dreamcore.config import ConfigError, ModelConfig, preset
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
+ENCODE_FORMATS = ("png", "jpg", "webp")
+PACKING = ("pack", "truncate")
+SIMILARITY_STYLES = ("mmc4", "core")
+
+
+@dataclass
+class CrawlConfig:
+    """Image download, verification and resize (img2dataset's options, plus the safety caps)."""
+
+    timeout_s: float = 10.0
+    retries: int = 2  # extra attempts after 429/5xx, timeouts and connection errors
+    backoff_s: float = 0.5  # first back-off; doubles per attempt; a Retry-After header wins (capped)
+    max_backoff_s: float = 10.0
+    user_agent_token: str | None = None  # appended to the user agent, as img2dataset does
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    allow_private_networks: bool = False  # SSRF guard off only for loopback demos and tests
+    max_redirects: int = 5
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000  # refused from the header, before any full decode
+    allowed_formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "webp"])
+    threads: int = 32  # per Ray task; I/O bound, so many threads share one core
+    per_host_concurrency: int = 16
+    batch_size: int = 16  # documents per Ray Data batch (one thread pool per batch)
+    num_cpus: float = 0.5  # per crawl task: waiting on sockets needs little CPU, so tasks overlap
+    image_size: int = 0  # 0 = the model's image_resolution
+    resize_mode: str = "center_crop"  # training rows need square images
+    resize_only_if_bigger: bool = False
+    encode_format: str = "png"
+    encode_quality: int = 6  # PNG compression 0-9; JPEG/WebP quality 0-100
+
+
+@dataclass
+class FilterConfig:
+    """Thresholds of the filter rules (0 or empty turns a rule off)."""
+
+    min_image_size: int = 150  # MMC4: both sides >= 150 px
+    min_aspect_ratio: float = 0.5  # MMC4: width / height in [0.5, 2]
+    max_aspect_ratio: float = 2.0
+    dedup_exact: bool = True
+    near_duplicate_distance: int = 4  # perceptual hash Hamming distance; -1 turns it off
+    max_documents_per_image: int = 10  # an image in more documents is a logo/banner: dropped
+    min_words: int = 10  # text quality (OBELICS-style)
+    max_words: int = 100_000
+    max_repetition_ratio: float = 0.3  # share of duplicated sentences
+    max_special_char_ratio: float = 0.3
+    min_images: int = 1
+    max_images: int = 30
+    min_sentences: int = 1
+    max_sentences: int = 500
+    optout_domains: list[str] = field(default_factory=list)
+    optout_file: str | None = None  # one domain per line
+
+
+@dataclass
+class SimilarityConfig:
+    """MMC4's image-to-sentence assignment; scores from the document or from a CLIP model."""
+
+    enabled: bool = True
+    style: str = "mmc4"  # mmc4: threshold 0.15; core: 0.25 (used when threshold is unset)
+    threshold: float | None = None
+    model: str | None = None  # CLIP folder/hub id; unset: use the document's similarity matrix
+    recompute: bool = False  # score with the model even when the document carries a matrix
+    batch_size: int = 8
+    num_gpus: float = -1  # -1: one GPU per actor when the cluster has GPUs, else CPU actors
+    actors: int = 1
+
+    def effective_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return 0.15 if self.style == "mmc4" else 0.25
+
+
+@dataclass
+class TokenizeConfig:
+    packing: str = "pack"  # pack several documents per row, or one truncated document per row
+    tokenizer_sample_docs: int = 2000  # driver-side sample for training the byte-level BPE
+    batch_size: int = 64
+    samples_per_file: int = 2048
+
+
+@dataclass
+class CurateConfig:
+    """The whole job. `model` is a preset name; `model_overrides` adjust it (`max_seq_len: 512`)."""
+
+    model: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    shards_per_commit: int = 8  # input shards per published group (the resume granularity)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("crawl.resize_mode", self.crawl.resize_mode, RESIZE_MODES),
+            ("crawl.encode_format", self.crawl.encode_format, ENCODE_FORMATS),
+            ("tokenize.packing", self.tokenize.packing, PACKING),
+            ("similarity.style", self.similarity.style, SIMILARITY_STYLES),
+        ]
+        for key, value, choices in checks:
+            if value not in choices:
+                raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+        if self.shards_per_commit < 1:
+            raise ConfigError("shards_per_commit must be >= 1")
+
+    def model_config(self) -> ModelConfig:
+        from dreamcore.config import merge
+
+        return merge(preset(self.model), self.model_overrides, prefix="model_overrides")
+
+    def image_size(self) -> int:
+        return self.crawl.image_size or self.model_config().image_resolution
+
+
+def embedded() -> CurateConfig:
+    """The demo/test preset: loopback allowed, small images and short documents accepted."""
+    cfg = CurateConfig()
+    cfg.crawl.allow_private_networks = True
+    cfg.crawl.timeout_s = 5.0
+    cfg.filter.min_image_size = 8
+    cfg.filter.min_words = 1
+    cfg.filter.max_documents_per_image = 0
+    cfg.filter.near_duplicate_distance = -1  # synthetic shapes repeat by design
+    cfg.filter.dedup_exact = False
+    cfg.progress = True
+    return cfg
+
+
+PRESETS = {"default": CurateConfig, "embedded": embedded}

@@ -1,0 +1,392 @@
+"""The curation job on Ray Data: `curate(inputs, output, config) -> manifest dict`.
+
+1. read      Ray Data reads each shard (any pyarrow/fsspec filesystem); bad lines become drop rows
+2. crawl     thread pool per block: fetch, guard, verify, resize (crawl.py)
+3. filter    image size/aspect, opt-out domains, text quality (filters.py)
+4. dedup     exact/near duplicates and repeated images, planned on the driver from hashes only
+5. similarity MMC4 assignment (CLIP actors on GPU when the cluster has GPUs, else CPU)
+6. documents min/max images and sentences
+7. tokenize  DreamLLM layout, then fixed-length rows (pack or truncate)
+8. write     Parquet under a temp folder, renamed into DIR/samples/, then the manifest
+
+Input shards are processed in groups (`shards_per_commit`); a group is published (samples,
+rejected rows, hashes, manifest) only when complete, so a rerun skips finished shards and a killed
+run leaves nothing a reader would take as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from dreamcore.config import to_dict
+from dreamcore.schema import (
+    CURATE_DOC_SCHEMA,
+    CURATE_ENCODED_SCHEMA,
+    REJECTED_SCHEMA,
+    SAMPLE_SCHEMA,
+    SCHEMA_VERSION,
+)
+from dreamcore.tokenizer import DreamTokenizer
+
+from . import manifest as mf
+from .config import CurateConfig
+from .crawl import Crawler
+from .filters import DedupRules, DocumentStage, FilterStage, apply_plan, kept_images
+from .readers import expand_inputs, parse_shard, rows_to_table
+from .similarity import SimilarityStage
+from .tokenize import encode_doc, pack_docs, tokenizer_for, train_tokenizer
+
+HASHES_SCHEMA = pa.schema([("sha256", pa.string()), ("phash", pa.string())])
+
+
+class CurateError(ValueError):
+    """The job cannot start or continue; the message names the input and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# UDFs (run in Ray workers; each converts an Arrow batch to rows and back)
+
+
+def _rows(batch: pa.Table) -> list[dict]:
+    return batch.to_pylist()
+
+
+def read_udf(batch: pa.Table) -> pa.Table:
+    rows: list[dict] = []
+    for item in batch.to_pylist():
+        rows += parse_shard(item["bytes"], item["path"])
+    return rows_to_table(rows)
+
+
+@lru_cache(maxsize=2)
+def _crawler(cfg_json: str, image_size: int) -> Crawler:
+    from .config import CrawlConfig
+
+    return Crawler(CrawlConfig(**json.loads(cfg_json)), image_size)
+
+
+def crawl_filter_udf(batch: pa.Table, crawl_json: str, image_size: int, filter_cfg: Any) -> pa.Table:
+    docs = _crawler(crawl_json, image_size).crawl_docs(_rows(batch))
+    docs = FilterStage(filter_cfg)(docs)
+    return rows_to_table(docs)
+
+
+def hash_keys_udf(batch: pa.Table) -> pa.Table:
+    out = {"doc_id": [], "index": [], "sha256": [], "phash": []}
+    for doc in _rows(batch.select(["doc_id", "drop_stage", "images"])):
+        if doc["drop_stage"]:
+            continue
+        for i, img in enumerate(doc["images"]):
+            if not img["drop_stage"]:
+                out["doc_id"].append(doc["doc_id"])
+                out["index"].append(i)
+                out["sha256"].append(img["sha256"])
+                out["phash"].append(img["phash"])
+    return pa.table(out, schema=pa.schema([("doc_id", pa.string()), ("index", pa.int32()),
+                                           ("sha256", pa.string()), ("phash", pa.string())]))
+
+
+def dedup_udf(batch: pa.Table, plan_ref: Any) -> pa.Table:
+    plan = ray.get(plan_ref) if isinstance(plan_ref, ray.ObjectRef) else plan_ref
+    return rows_to_table(apply_plan(_rows(batch), plan, "dedup"))
+
+
+class SimilarityUDF:
+    """Holds the CLIP model for the life of the actor (one load per actor, not per batch)."""
+
+    def __init__(self, sim_cfg: Any, filter_cfg: Any):
+        self.similarity = SimilarityStage(sim_cfg)
+        self.documents = DocumentStage(filter_cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return rows_to_table(self.documents(self.similarity(_rows(batch))))
+
+
+def similarity_udf(batch: pa.Table, sim_cfg: Any, filter_cfg: Any) -> pa.Table:
+    """Without a CLIP model the assignment is cheap: plain tasks, no actors."""
+    return SimilarityUDF(sim_cfg, filter_cfg)(batch)
+
+
+def encode_udf(batch: pa.Table, tok_path: str, mcfg: Any) -> pa.Table:
+    tok = tokenizer_for(tok_path, mcfg)
+    docs = [encode_doc(tok, d, mcfg) for d in _rows(batch)]
+    return pa.Table.from_pylist(docs, schema=CURATE_ENCODED_SCHEMA)
+
+
+def pack_udf(batch: pa.Table, tok_path: str, mcfg: Any, packing: bool) -> pa.Table:
+    tok = tokenizer_for(tok_path, mcfg)
+    return pa.Table.from_pylist(pack_docs(tok, _rows(batch), mcfg, packing), schema=SAMPLE_SCHEMA)
+
+
+def accounting_udf(batch: pa.Table) -> pa.Table:
+    """One row per document (image_index -1) and per image; `stage` "" means kept."""
+    cols = {name: [] for name in REJECTED_SCHEMA.names}
+    for doc in _rows(batch.select(["doc_id", "shard", "url", "drop_stage", "reason", "error", "images"])):
+        entries = [(-1, doc["url"], doc["drop_stage"], doc["reason"], doc["error"])]
+        entries += [(i, im["url"], im["drop_stage"], im["reason"], im["error"])
+                    for i, im in enumerate(doc["images"])]
+        for idx, url, stage, reason, error in entries:
+            for k, v in zip(cols, (doc["doc_id"], doc["shard"], idx, url, stage, reason, error)):
+                cols[k].append(v)
+    return pa.table(cols, schema=REJECTED_SCHEMA)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def _ray_init(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
+           if k in os.environ}
+    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+
+
+def _data_context(cfg: CurateConfig) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+    ctx.execution_options.preserve_order = True  # deterministic dedup "first occurrence" and files
+
+
+def _cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _clean_orphans(out: Path, manifest: dict) -> None:
+    """Remove what a killed run left: temp folders, samples/rejected files the manifest lacks."""
+    for tmp in out.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    listed = set(manifest["outputs"]["files"]) | set(manifest["rejected"]["files"])
+    for sub in ("samples", "rejected", "state"):
+        for f in (out / sub).glob("*.parquet") if (out / sub).exists() else []:
+            rel = f"{sub}/{f.name}"
+            if sub != "state" and rel not in listed:
+                f.unlink()
+            if sub == "state" and f.stem.split("-")[-1] not in {g["id"] for g in manifest["groups"]}:
+                f.unlink()
+
+
+def _check_resume(manifest: dict, cfg: CurateConfig) -> None:
+    old = manifest.get("config", {})
+    now = to_dict(cfg)
+    for key in ("model", "model_overrides", "tokenize", "crawl"):
+        if key in old and old[key] != now[key] and key != "crawl":
+            raise CurateError(
+                f"output folder was curated with a different {key!r} config ({old[key]} vs {now[key]}); "
+                "samples would not match: use a new --output folder or the original config"
+            )
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CurateError(f"output folder holds schema version {manifest.get('schema_version')}, this code "
+                          f"writes {SCHEMA_VERSION}: use a new --output folder")
+
+
+def _prepare_tokenizer(out: Path, cfg: CurateConfig, kept_texts: Any) -> DreamTokenizer:
+    """DIR/tokenizer/: the configured tokenizer, or a BPE trained on kept text (first group only)."""
+    mcfg = cfg.model_config()
+    tok_dir = out / "tokenizer"
+    if tok_dir.exists():
+        return tokenizer_for(str(tok_dir), mcfg)
+    tmp = out / f".tmp-tokenizer-{uuid.uuid4().hex[:8]}"
+    if mcfg.tokenizer.name_or_path:
+        tok = DreamTokenizer.build(mcfg.tokenizer, mcfg.vision.num_tokens, mcfg.dream.num_queries)
+        tok.save_pretrained(tmp)
+    else:
+        texts = kept_texts()
+        if not texts:
+            raise CurateError("no document survived filtering, so there is no text to train the tokenizer on; "
+                              "see DIR/rejected/ and the manifest's dropped counts, or set "
+                              "model_overrides.tokenizer.name_or_path")
+        tok = train_tokenizer(texts, mcfg, str(tmp))
+    os.replace(tmp, tok_dir)
+    return tok
+
+
+def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = None,
+           address: str | None = None) -> dict:
+    """Curate `inputs` (shards, folders, globs, URIs) into `output`; returns the manifest."""
+    cfg = config or CurateConfig()
+    mcfg = cfg.model_config()
+    shards = expand_inputs(list(inputs))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = mf.load(out)
+    if manifest is None:
+        manifest = mf.new_manifest(to_dict(cfg), to_dict(mcfg))
+    else:
+        _check_resume(manifest, cfg)
+    _clean_orphans(out, manifest)
+    done = set(manifest["shards"]["done"])
+    pending = [s for s in shards if s not in done]
+    manifest["shards"]["skipped_on_resume"] = sorted(set(shards) & done)
+    if not pending:
+        mf.save(out, manifest)
+        return manifest
+    _ray_init(address)
+    _data_context(cfg)
+    for start in range(0, len(pending), cfg.shards_per_commit):
+        group = pending[start:start + cfg.shards_per_commit]
+        _run_group(group, out, cfg, manifest)
+    return manifest
+
+
+def _timed(durations: dict, key: str, t0: float) -> float:
+    now = time.perf_counter()
+    durations[key] = round(durations.get(key, 0.0) + now - t0, 3)
+    return now
+
+
+def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -> None:
+    mcfg = cfg.model_config()
+    gid = f"g{len(manifest['groups']):04d}"
+    tmp = out / f".tmp-{gid}-{uuid.uuid4().hex[:8]}"
+    durations: dict[str, float] = {}
+    t = time.perf_counter()
+
+    # 1-3. read -> crawl -> filter (streamed), materialized for the two dedup passes.
+    ds = ray.data.read_binary_files(group, include_paths=True, override_num_blocks=len(group))
+    ds = ds.map_batches(read_udf, batch_size=1, batch_format="pyarrow")
+    crawl_json = json.dumps(to_dict(cfg.crawl))
+    docs = ds.map_batches(
+        crawl_filter_udf, batch_size=cfg.crawl.batch_size, batch_format="pyarrow",
+        fn_kwargs={"crawl_json": crawl_json, "image_size": cfg.image_size(), "filter_cfg": cfg.filter},
+        num_cpus=cfg.crawl.num_cpus,
+    ).materialize()
+    t = _timed(durations, "read+crawl+filter", t)
+
+    # 4. dedup: hashes to the driver (no image bytes), plan, apply.
+    keys = docs.map_batches(hash_keys_udf, batch_format="pyarrow").to_arrow_refs()
+    keys = pa.concat_tables(ray.get(keys)) if keys else None
+    seen = _seen_hashes(out)
+    rules = DedupRules(cfg.filter.dedup_exact, cfg.filter.near_duplicate_distance,
+                       cfg.filter.max_documents_per_image)
+    records = list(zip(*(keys.column(c).to_pylist() for c in ("doc_id", "index", "sha256", "phash")))) \
+        if keys is not None else []
+    plan = rules.plan(records, set(seen.column("sha256").to_pylist()),
+                      [int(h, 16) for h in seen.column("phash").to_pylist() if h])
+    docs = docs.map_batches(dedup_udf, batch_format="pyarrow", fn_kwargs={"plan_ref": ray.put(plan)})
+
+    # 5-6. similarity + document rules (CLIP actors when a model is configured).
+    sim = cfg.similarity
+    if sim.model:
+        gpus = sim.num_gpus if sim.num_gpus >= 0 else (1.0 if _cluster_gpus() > 0 else 0.0)
+        docs = docs.map_batches(
+            SimilarityUDF, batch_size=sim.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"sim_cfg": sim, "filter_cfg": cfg.filter},
+            compute=ray.data.ActorPoolStrategy(size=sim.actors), num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+        )
+    else:
+        docs = docs.map_batches(similarity_udf, batch_format="pyarrow",
+                                fn_kwargs={"sim_cfg": sim, "filter_cfg": cfg.filter})
+    docs = docs.materialize()
+    t = _timed(durations, "dedup+similarity+documents", t)
+
+    # 7. tokenizer (trained on the first group's kept text when none is configured), encode.
+    def kept_texts() -> list[str]:
+        sample = docs.filter(lambda r: not r["drop_stage"]).limit(cfg.tokenize.tokenizer_sample_docs)
+        return [" ".join(r["texts"]) for r in sample.select_columns(["texts"]).take_all()]
+
+    tok = _prepare_tokenizer(out, cfg, kept_texts)
+    manifest["tokenizer_hash"] = tok.content_hash()
+    tok_path = str(out / "tokenizer")
+    encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
+                               fn_kwargs={"tok_path": tok_path, "mcfg": mcfg}).materialize()
+    t = _timed(durations, "tokenize", t)
+
+    # 8. pack + write samples under the temp folder; rejected rows and hashes beside them.
+    samples_tmp = tmp / "samples"
+    (
+        encoded.filter(lambda r: not r["drop_stage"])
+        .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
+                     fn_kwargs={"tok_path": tok_path, "mcfg": mcfg,
+                                "packing": cfg.tokenize.packing == "pack"})
+        .write_parquet(str(samples_tmp), max_rows_per_file=cfg.tokenize.samples_per_file,
+                       schema=SAMPLE_SCHEMA)
+    )
+    acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
+    acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
+    written_files = sorted(samples_tmp.glob("*.parquet")) if samples_tmp.exists() else []
+    n_samples, n_docs, n_images = _count_written(written_files)
+    rejected = acct.filter(pa.compute.not_equal(acct["stage"], ""))
+    rej_tmp = tmp / "rejected.parquet"
+    pq.write_table(rejected, rej_tmp)
+    _write_hashes(encoded, tmp / "hashes.parquet")
+    t = _timed(durations, "write", t)
+
+    # Publish: rename files, then the manifest (the commit point of the group).
+    stage_rows = acct.select(["image_index", "stage", "reason"]).to_pylist()
+    doc_acct = [(r["stage"], r["reason"]) for r in stage_rows if r["image_index"] == -1]
+    img_acct = [(r["stage"], r["reason"]) for r in stage_rows if r["image_index"] >= 0]
+    stages = mf.stage_counts(doc_acct, img_acct, written=(n_docs, n_images))
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "rejected").mkdir(exist_ok=True)
+    (out / "state").mkdir(exist_ok=True)
+    files = []
+    for i, f in enumerate(written_files):
+        rel = f"samples/part-{gid}-{i:05d}.parquet"
+        os.replace(f, out / rel)
+        files.append(rel)
+    rej_rel = f"rejected/rejected-{gid}.parquet"
+    os.replace(rej_tmp, out / rej_rel)
+    os.replace(tmp / "hashes.parquet", out / "state" / f"hashes-{gid}.parquet")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    manifest["stages"] = mf.merge_stages(manifest["stages"], stages)
+    manifest["outputs"]["samples"] += n_samples
+    manifest["outputs"]["files"] += files
+    manifest["rejected"]["files"].append(rej_rel)
+    manifest["shards"]["done"] = sorted(set(manifest["shards"]["done"]) | set(group))
+    for k, v in durations.items():
+        manifest["durations"][k] = round(manifest["durations"].get(k, 0.0) + v, 3)
+    manifest["groups"].append({"id": gid, "shards": group, "samples": n_samples, "durations": durations})
+    problems = mf.check_invariant(manifest)
+    if problems:  # a bug, not bad input: fail loudly rather than publish wrong counts
+        raise AssertionError("manifest invariant broken: " + "; ".join(problems))
+    mf.save(out, manifest)
+
+
+def _count_written(files: list[Path]) -> tuple[int, int, int]:
+    samples = docs = images = 0
+    for f in files:
+        t = pq.read_table(f, columns=["doc_ids", "image_slots"])
+        samples += t.num_rows
+        docs += sum(len(x) for x in t.column("doc_ids").to_pylist())
+        images += sum(len(x) for x in t.column("image_slots").to_pylist())
+    return samples, docs, images
+
+
+def _write_hashes(encoded: Any, path: Path) -> None:
+    """Hashes of images that made it into samples: later shard groups dedup against them."""
+    def keep(batch: pa.Table) -> pa.Table:
+        out = {"sha256": [], "phash": []}
+        for doc in batch.select(["drop_stage", "images"]).to_pylist():
+            for img in kept_images(doc) if not doc["drop_stage"] else []:
+                out["sha256"].append(img["sha256"])
+                out["phash"].append(img["phash"])
+        return pa.table(out, schema=HASHES_SCHEMA)
+
+    refs = encoded.map_batches(keep, batch_format="pyarrow").to_arrow_refs()
+    table = pa.concat_tables(ray.get(refs)) if refs else HASHES_SCHEMA.empty_table()
+    pq.write_table(table.cast(HASHES_SCHEMA), path)
+
+
+def _seen_hashes(out: Path) -> pa.Table:
+    files = sorted((out / "state").glob("hashes-*.parquet")) if (out / "state").exists() else []
+    if not files:
+        return HASHES_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f).cast(HASHES_SCHEMA) for f in files])
+
+
+__all__ = ["curate", "CurateError", "CURATE_DOC_SCHEMA"]

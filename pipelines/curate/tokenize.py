@@ -1,0 +1,87 @@
+"""Tokenize: kept documents -> DreamLLM layout (encode) -> fixed-length rows (pack).
+
+Two steps so the manifest can count per document what encoding drops (an image cut by
+truncation, an empty document) before rows mix documents. The tokenizer is loaded once per worker
+process from the folder the job saved (DIR/tokenizer/ or the configured path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+from dreamcore.config import ModelConfig
+from dreamcore.tokenizer import DreamTokenizer, EmptyDocumentError, EncodedDocument, interleave
+
+from .filters import drop_document, drop_image, kept_images
+
+STAGE = "tokenize"
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str, num_image_tokens: int, num_dream_queries: int) -> DreamTokenizer:
+    return DreamTokenizer.from_pretrained(path, num_image_tokens, num_dream_queries)
+
+
+def tokenizer_for(path: str, mcfg: ModelConfig) -> DreamTokenizer:
+    return load_tokenizer(path, mcfg.vision.num_tokens, mcfg.dream.num_queries)
+
+
+def document_texts(doc: dict) -> list[str]:
+    return [t for t in doc["texts"] if t]
+
+
+def encode_doc(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> dict:
+    """Adds enc_* fields to a kept document row; drops images/documents the layout cannot hold."""
+    empty = {"enc_input_ids": [], "enc_labels": [], "enc_image_slots": [], "enc_dream_slots": [],
+             "enc_images": []}
+    doc.update(empty)
+    if doc["drop_stage"]:
+        return doc
+    kept = [i for i, img in enumerate(doc["images"]) if not img["drop_stage"]]
+    parts, problems = interleave(doc["texts"], [doc["images"][i]["matched_text_index"] for i in kept])
+    for p in problems:
+        drop_image(doc["images"][kept[p.image]], STAGE, p.reason, p.detail)
+    try:
+        enc: EncodedDocument = tok.encode_document(
+            parts, max_len=mcfg.max_seq_len, max_images=mcfg.images_per_sample
+        )
+    except EmptyDocumentError as e:
+        drop_document(doc, STAGE, e.reason, str(e))
+        return doc
+    for j in enc.dropped_images:
+        drop_image(doc["images"][kept[j]], STAGE, "truncated",
+                   f"image block does not fit {mcfg.max_seq_len} tokens / {mcfg.images_per_sample} images")
+    doc.update(
+        enc_input_ids=enc.input_ids, enc_labels=enc.labels, enc_image_slots=enc.image_slots,
+        enc_dream_slots=enc.dream_slots, enc_images=[kept[j] for j in enc.image_indices],
+    )
+    return doc
+
+
+def pack_docs(tok: DreamTokenizer, docs: list[dict], mcfg: ModelConfig, packing: bool) -> list[dict]:
+    """Encoded kept documents -> SAMPLE_SCHEMA records (images as the stored PNG bytes)."""
+    docs = [d for d in docs if not d["drop_stage"] and d["enc_input_ids"]]
+    encoded = [
+        EncodedDocument(d["enc_input_ids"], d["enc_labels"], d["enc_image_slots"], d["enc_dream_slots"],
+                        list(range(len(d["enc_images"]))))
+        for d in docs
+    ]
+    rows = tok.pack(encoded, mcfg.max_seq_len, mcfg.images_per_sample,
+                    doc_ids=[d["doc_id"] for d in docs], packing=packing)
+    samples = []
+    for row in rows:
+        payloads = [docs[pos]["images"][docs[pos]["enc_images"][j]]["data"] for pos, j in row.images]
+        sample_id = hashlib.sha1("\n".join(row.doc_ids).encode()).hexdigest()[:16]
+        samples.append(row.to_sample(sample_id, payloads))
+    return samples
+
+
+def train_tokenizer(texts: list[str], mcfg: ModelConfig, out_dir: str) -> DreamTokenizer:
+    """The embedded default: a byte-level BPE trained on a bounded sample of kept documents."""
+    tok = DreamTokenizer.build(mcfg.tokenizer, mcfg.vision.num_tokens, mcfg.dream.num_queries, texts)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+__all__ = ["encode_doc", "pack_docs", "train_tokenizer", "tokenizer_for", "kept_images"]
