@@ -47,7 +47,7 @@ def test_special_token_ids_are_distinct_and_in_vocab(tok):
 
 
 def test_layout_and_masks_one_image(tok):
-    a, b = "a red square", " next to a blue circle"
+    a, b = "a red square", "next to a blue circle"
     enc = tok.encode_document([a, 0, b])
     ta, tb = _text(tok, a), _text(tok, b)
     expected = [tok.bos_id, *ta, *_dream(tok), *_image(tok), *tb, tok.eos_id]
@@ -195,8 +195,8 @@ def test_encode_prompt_has_no_eos_and_no_targets(tok):
 
 
 def test_decode_skips_slots(tok):
-    enc = tok.encode_document(["a red square", 0, " next to a blue circle"])
-    assert tok.decode(enc.input_ids) == "a red square next to a blue circle"
+    enc = tok.encode_document(["a red square", 0, "next to a blue circle"])
+    assert tok.decode(enc.input_ids) == " a red square next to a blue circle"  # the BPE's prefix space
     assert "<im_start>" in tok.decode(enc.input_ids, skip_special_tokens=False)
 
 
@@ -340,3 +340,35 @@ def test_tokenizer_pickles_for_ray_workers(tok):
     again = pickle.loads(pickle.dumps(tok))
     assert again.encode_document(["a red square", 0]) == tok.encode_document(["a red square", 0])
     assert again.content_hash() == tok.content_hash()
+
+
+def test_chunk_opening_word_gets_its_mid_sentence_token(tok):
+    # The trained BPE adds a prefix space (as SentencePiece does), so "red" after an image is " red".
+    assert tok.encode_text("red") == tok.encode_text("a red")[-len(tok.encode_text("red")):]
+
+
+def test_packing_equals_plain_first_fit(tok):
+    """Closing full rows early is an optimisation only: rows match a plain first-fit scan."""
+    import random
+
+    from dreamcore.tokenizer import EncodedDocument
+
+    rng = random.Random(0)
+    docs = []
+    for _ in range(300):
+        n, k = rng.randint(2, 60), rng.choice([0, 0, 1, 2])
+        docs.append(EncodedDocument([5] * n, [5] * n, list(range(1, k + 1)), list(range(1, k + 1)), list(range(k))))
+    seq_len, max_images = 64, 2
+    expected: list[list[int]] = []
+    fill: list[tuple[int, int]] = []
+    for pos, d in enumerate(docs):
+        n, k = len(d), len(d.image_indices)
+        r = next((i for i, (t, m) in enumerate(fill) if t + n <= seq_len and m + k <= max_images), None)
+        if r is None:
+            expected.append([])
+            fill.append((0, 0))
+            r = len(fill) - 1
+        expected[r].append(pos)
+        fill[r] = (fill[r][0] + n, fill[r][1] + k)
+    rows = tok.pack(docs, seq_len, max_images)
+    assert [[int(i) for i in r.doc_ids] for r in rows] == expected
