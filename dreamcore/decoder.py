@@ -1,0 +1,272 @@
+"""The image decoder: a diffusers UNet conditioned on DreamLLM's dream-query states.
+
+Design (DreamLLM, Dong et al. 2024, section 2.1):
+- The UNet's `encoder_hidden_states` are the LLM's last hidden states at the dream-query positions,
+  projected by the model's `cond_proj` (Q, cross_attention_dim). Stable Diffusion's text encoder is
+  never loaded.
+- Training: the usual denoising MSE against the scheduler's target (epsilon or v). The UNet can be
+  frozen while the condition still receives gradients: they flow *through* the UNet into the LLM.
+- Sampling: DDIM with classifier-free guidance; the unconditional condition comes from the same LLM
+  and queries run on an empty prompt (computed by the caller, passed in as `uncond`).
+- Two set-ups: a pretrained Stable Diffusion folder / hub id (`unet/`, `vae/`, `scheduler/`) whose
+  latents are scaled by the VAE's `scaling_factor`, or (tiny preset) a pixel-space UNet built from
+  config: 3 channels in and out, `sample_size = resolution`, trained from scratch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from torch import nn
+
+from dreamcore.config import ConfigError, DecoderConfig
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def unet_from_config(cfg: DecoderConfig, in_channels: int = 3) -> UNet2DConditionModel:
+    """A randomly initialised UNet; cross-attention in every block but the lowest-resolution down
+    block and its mirror (the Stable Diffusion pattern)."""
+    n = len(cfg.block_out_channels)
+    if n < 1:
+        raise ConfigError("decoder.block_out_channels is empty; give at least one width, e.g. [32, 32]")
+    down = tuple(["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]) if n > 1 else ("CrossAttnDownBlock2D",)
+    up = tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)) if n > 1 else ("CrossAttnUpBlock2D",)
+    groups = min(32, *cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=groups,
+    )
+
+
+def scheduler_config(cfg: DecoderConfig) -> dict[str, Any]:
+    """The noise schedule of a decoder built from config (pretrained ones bring their own)."""
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"decoder.prediction_type={cfg.prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
+        )
+    return dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,  # the tiny pixel-space model should not hide a bad x0 estimate by clipping
+    )
+
+
+class DiffusionDecoder(nn.Module):
+    """UNet (+ optional VAE) + schedulers: `loss(images, cond)` for training, `sample(...)` for images."""
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL | None,
+        scheduler_cfg: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.unet = unet
+        self.vae = vae
+        # Training noise schedule (DDPM) and the sampler (DDIM) share one set of betas.
+        self.train_scheduler = DDPMScheduler.from_config(scheduler_cfg)
+        self.sample_scheduler_config = dict(self.train_scheduler.config)
+        self.prediction_type = self.train_scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"decoder scheduler prediction_type={self.prediction_type!r} is not supported; "
+                f"use one of {', '.join(PREDICTION_TYPES)}"
+            )
+        self.resolution = cfg.resolution
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        if self.resolution % self.vae_scale:
+            raise ConfigError(
+                f"decoder.resolution={self.resolution} is not a multiple of the VAE's downscale factor "
+                f"{self.vae_scale}"
+            )
+        if vae is not None:
+            vae.requires_grad_(False)  # the VAE never trains (DreamLLM and the tiny preset alike)
+
+    # ------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def from_config(cls, cfg: DecoderConfig) -> DiffusionDecoder:
+        """Random init from config. With `use_vae` a small AutoencoderKL is built too (tests)."""
+        vae = None
+        channels = 3
+        if cfg.use_vae:
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                block_out_channels=(16, 16),
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=cfg.resolution,
+            )
+            channels = 4
+        sample_cfg = cfg
+        if vae is not None:
+            sample_cfg = _with(cfg, resolution=cfg.resolution // 2)
+        return cls(cfg, unet_from_config(sample_cfg, in_channels=channels), vae, scheduler_config(cfg))
+
+    @classmethod
+    def from_pretrained(cls, cfg: DecoderConfig, name_or_path: str | None = None) -> DiffusionDecoder:
+        """A Stable Diffusion folder or hub id: `unet/`, `vae/` (when cfg.use_vae), `scheduler/`."""
+        path = name_or_path or cfg.name_or_path
+        if not path:
+            raise ConfigError("decoder.name_or_path is unset; set it to a Stable Diffusion folder or hub id")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if cfg.use_vae else None
+            sched = DDPMScheduler.load_config(path, subfolder="scheduler")
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"cannot load the decoder from decoder.name_or_path={path!r} ({e}). It must be a Stable "
+                "Diffusion folder or hub id with unet/, scheduler/ (and vae/ when decoder.use_vae=true); "
+                "with HF_HUB_OFFLINE=1 only local folders and cached hub ids work"
+            ) from None
+        if unet.config.cross_attention_dim != cfg.cross_attention_dim:
+            raise ConfigError(
+                f"decoder.cross_attention_dim={cfg.cross_attention_dim} but the UNet in {path} expects "
+                f"{unet.config.cross_attention_dim}; set decoder.cross_attention_dim={unet.config.cross_attention_dim}"
+            )
+        # Sampling settings from the pipeline's scheduler folder win over the generic defaults.
+        sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+        sched.setdefault("prediction_type", cfg.prediction_type)
+        return cls(cfg, unet, vae, sched)
+
+    # ------------------------------------------------------------------------------------------
+    # Pixels <-> model space
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_scale
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """(K, 3, R, R) images in [-1, 1] -> what the UNet denoises (latents scaled, or pixels)."""
+        if self.vae is None:
+            return images
+        with torch.no_grad():
+            posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return posterior.sample() * self.vae.config.scaling_factor
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> (K, 3, R, R) in [0, 1]."""
+        if self.vae is not None:
+            x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+
+    def loss(self, images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Denoising MSE. images: (K, 3, R, R) in [-1, 1]; cond: (K, Q, cross_attention_dim).
+
+        Gradients reach `cond` even when the UNet is frozen (DreamLLM trains the LLM this way).
+        """
+        if images.shape[0] != cond.shape[0]:
+            raise ValueError(f"decoder.loss: {images.shape[0]} images but {cond.shape[0]} conditions")
+        x0 = self.to_model_space(images)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        xt = self.train_scheduler.add_noise(x0, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.train_scheduler.get_velocity(x0, noise, t)
+        pred = self.unet(xt.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    # ------------------------------------------------------------------------------------------
+    # Sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | list[int] | None = None,
+    ) -> torch.Tensor:
+        """DDIM + classifier-free guidance -> (K, 3, R, R) images in [0, 1].
+
+        cond: (K, Q, C) or (Q, C). uncond: the empty-prompt condition, (Q, C) or (K, Q, C); needed
+        when guidance_scale != 1. `seed` (one int, or one per image) draws each image's starting
+        noise from its own CPU generator, so an image does not depend on the batch it was served in.
+        """
+        # 1. Check inputs
+        if cond.dim() == 2:
+            cond = cond.unsqueeze(0)
+        k = cond.shape[0]
+        steps = num_inference_steps or self.cfg.num_inference_steps
+        scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        use_cfg = scale != 1.0
+        if use_cfg and uncond is None:
+            raise ValueError("guidance_scale != 1 needs `uncond` (the empty-prompt dream condition)")
+        device, dtype = cond.device, self.unet.dtype
+        # 2. Starting noise (on CPU so a seed gives the same image on any device)
+        shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
+        x = _initial_noise(k, shape, generator, seed).to(device=device, dtype=dtype)
+        # 3. Conditions: [uncond; cond] in one UNet batch
+        enc = cond.to(dtype)
+        if use_cfg:
+            u = uncond.to(device=device, dtype=dtype)
+            u = u.unsqueeze(0).expand(k, -1, -1) if u.dim() == 2 else u
+            enc = torch.cat([u, enc])
+        # 4. Denoising loop (a fresh scheduler per call: schedulers keep per-run state)
+        scheduler = DDIMScheduler.from_config(self.sample_scheduler_config)
+        scheduler.set_timesteps(steps, device=device)
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            inp = torch.cat([x, x]) if use_cfg else x
+            inp = scheduler.scale_model_input(inp, t)
+            out = self.unet(inp, t, encoder_hidden_states=enc).sample
+            if use_cfg:
+                out_u, out_c = out.chunk(2)
+                out = out_u + scale * (out_c - out_u)
+            x = scheduler.step(out, t, x, eta=0.0).prev_sample
+        # 5. Back to pixels
+        return self.to_pixels(x)
+
+
+def _initial_noise(
+    k: int, shape: tuple[int, ...], generator: torch.Generator | None, seed: int | list[int] | None
+) -> torch.Tensor:
+    if seed is None:
+        return torch.randn((k, *shape), generator=generator)
+    seeds = [seed] * k if isinstance(seed, int) else list(seed)
+    if len(seeds) != k:
+        raise ValueError(f"sample: {len(seeds)} seeds for {k} conditions; give one seed per condition")
+    # Item i of a batch seeded with the same seed repeated gets seed + i, so the images differ.
+    if isinstance(seed, int):
+        seeds = [seed + i for i in range(k)]
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(K, 3, H, W) in [0, 1] -> PIL RGB images."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def _with(cfg: DecoderConfig, **changes: Any) -> DecoderConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
