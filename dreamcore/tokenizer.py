@@ -116,7 +116,7 @@ def interleave(
     for img, idx in enumerate(matched_text_index):
         if not has_text:
             after.setdefault(0, []).append(img)
-        elif isinstance(idx, bool) or not isinstance(idx, int):
+        elif isinstance(idx, bool) or not isinstance(idx, numbers.Integral):  # numpy ints from Arrow are fine
             problems.append(InterleaveProblem(
                 img, "matched_text_index_invalid", f"image {img}: matched_text_index {idx!r} is not an integer"))
         elif not 0 <= idx < len(text_list):
@@ -124,7 +124,7 @@ def interleave(
                 img, "matched_text_index_out_of_range",
                 f"image {img}: matched_text_index {idx} is outside the {len(text_list)} text chunks"))
         else:
-            after.setdefault(idx, []).append(img)
+            after.setdefault(int(idx), []).append(img)
     if not has_text:
         return list(after.get(0, [])), problems
 

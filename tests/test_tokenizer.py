@@ -84,6 +84,13 @@ def test_interleave_orders_images_by_matched_chunk_not_list_order(tok):
     assert parts == ["first", 1, "second third", 0]
 
 
+def test_interleave_accepts_numpy_indices_from_arrow():
+    import numpy as np
+
+    parts, problems = interleave(["first", "second"], np.array([1, 0], dtype=np.int32))
+    assert parts == ["first", 1, "second", 0] and problems == []
+
+
 def test_images_with_no_text(tok):
     parts, problems = interleave([], [0, 0])
     assert parts == [0, 1] and problems == []
@@ -372,3 +379,21 @@ def test_packing_equals_plain_first_fit(tok):
         fill[r] = (fill[r][0] + n, fill[r][1] + k)
     rows = tok.pack(docs, seq_len, max_images)
     assert [[int(i) for i in r.doc_ids] for r in rows] == expected
+
+
+def test_gpt2_style_tokenizer_with_shared_bos_eos_and_own_pad(tmp_path):
+    """GPT-2 style: BOS == EOS; a base that already has a pad token keeps it (no extra row)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "[PAD]": 1, "red": 2, "square": 3}
+    base = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    base.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=base, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            pad_token="[PAD]").save_pretrained(str(tmp_path / "gpt2ish"))
+    tok = DreamTokenizer.build(TokenizerConfig(name_or_path=str(tmp_path / "gpt2ish")), N, Q)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 0, 1)
+    assert tok.vocab_size == 4 + 5
+    enc = tok.encode_document(["red square"])
+    assert enc.input_ids == [0, 2, 3, 0]
+    assert enc.labels == [IGNORE_INDEX, 2, 3, 0]  # the leading BOS is context even though it is EOS's id
