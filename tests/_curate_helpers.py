@@ -133,3 +133,29 @@ def write_jsonl(path: Path, docs: list, raw_lines: list[str] = ()) -> Path:
     lines = [json.dumps(d) for d in docs] + list(raw_lines)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def save_tiny_clip(path: Path) -> Path:
+    """A random-init CLIPModel (32 px, 2 layers), its tokenizer and image processor, saved like a
+    hub folder: the similarity stage loads it exactly as it would load a real model path."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from dreamcore.tokenizer import DreamTokenizer
+
+    hf_tok = DreamTokenizer.train(SENTENCES * 4, vocab_size=300)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(hf_tok), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "eos_token_id": hf_tok.eos_token_id, "bos_token_id": hf_tok.bos_token_id,
+                     "pad_token_id": hf_tok.pad_token_id},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
