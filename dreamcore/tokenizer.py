@@ -565,9 +565,9 @@ def _load_hf(name_or_path: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, bad JSON, the Rust tokenizers' own errors: one message for all
         raise ValueError(
             f"cannot load a tokenizer from {name_or_path!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
             "Set tokenizer.name_or_path to a folder holding tokenizer files (tokenizer.json or "
-            "tokenizer.model) or a hub id that is in the local cache (HF_HUB_OFFLINE is set)"
+            "tokenizer.model), or a hub id (offline runs need it in the local Hugging Face cache)"
         ) from None

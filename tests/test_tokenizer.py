@@ -397,3 +397,10 @@ def test_gpt2_style_tokenizer_with_shared_bos_eos_and_own_pad(tmp_path):
     enc = tok.encode_document(["red square"])
     assert enc.input_ids == [0, 2, 3, 0]
     assert enc.labels == [IGNORE_INDEX, 2, 3, 0]  # the leading BOS is context even though it is EOS's id
+
+
+def test_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="cannot load a tokenizer from"):
+        DreamTokenizer.build(TokenizerConfig(name_or_path=str(tmp_path)), N, Q)
