@@ -12,6 +12,7 @@ No Kubernetes API server or cloud account is reachable here, so:
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import string
 from pathlib import Path
@@ -92,11 +93,18 @@ def strict(schema: Any) -> Any:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _load_crd(path: Path) -> dict[str, Any]:
+    # The CRDs are ~1 MB each: parse once per session, with libyaml when present.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(path.read_text(), Loader=loader)
+
+
 def crd_schema(shared_dir: Path, kind: str) -> dict[str, Any]:
     path = shared_dir / "kuberay-crds" / CRD_FILES[kind]
     if not path.exists():
         pytest.skip(f"{path} is not there")
-    crd = yaml.safe_load(path.read_text())
+    crd = _load_crd(path)
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     schema = strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
     schema["properties"]["metadata"] = OBJECT_META
@@ -251,6 +259,62 @@ def test_training_job_requests_what_it_trains_on():
     # Ray Train needs every worker at once: the group must be able to hold all of them.
     assert group["maxReplicas"] * gpus >= workers
     assert f"{EXAMPLE_PARAMS['DREAMCORE_STORAGE']}/runs/{EXAMPLE_PARAMS['DREAMCORE_RUN']}" in spec["entrypoint"]
+
+
+# ----------------------------------------------------------------------------------------------
+# RayService: the same Serve application as cluster/serve.yaml
+
+
+def _serve_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+    path = REPO / "cluster" / "serve.yaml"
+    if not path.exists():
+        pytest.skip("cluster/serve.yaml has not landed yet")
+    service = load_manifest("rayservice.yaml")["spec"]
+    return yaml.safe_load(service["serveConfigV2"]), yaml.safe_load(path.read_text())
+
+
+def test_rayservice_serves_the_same_application_as_serve_yaml():
+    in_service, for_serve_run = _serve_configs()
+    # Whole-config equality: applications (import path, args, deployments), HTTP options, proxies.
+    assert in_service == for_serve_run
+    names = [d["name"] for d in in_service["applications"][0]["deployments"]]
+    assert {"LLMServer", "ImageDecoder"} <= set(names)
+
+
+def test_rayservice_serve_config_passes_serve_schema_and_builds(tmp_path):
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from dreamcore.config import tiny, to_dict
+
+    config, _ = _serve_configs()
+    ServeDeploySchema.model_validate(config)  # Serve's own schema (it ignores unknown keys: below)
+    for dep in config["applications"][0]["deployments"]:
+        autoscaling = dep["autoscaling_config"]
+        # The two model deployments scale independently, each within its own bounds.
+        assert 0 < autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    llm, dec = (next(d for d in config["applications"][0]["deployments"] if d["name"] == n)
+                for n in ("LLMServer", "ImageDecoder"))
+    assert llm["autoscaling_config"] != dec["autoscaling_config"]
+
+    # Build it the way Serve does: import_path -> builder, args validated by its typed model.
+    app_cfg = config["applications"][0]
+    module_name, attr = app_cfg["import_path"].split(":")
+    builder = getattr(__import__(module_name, fromlist=[attr]), attr)
+    ckpt = tmp_path / "model"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(__import__("json").dumps(to_dict(tiny())))
+    args = copy.deepcopy(app_cfg["args"])
+    args["checkpoint"] = str(ckpt)  # the pod's /mnt/checkpoints path does not exist here
+    app = call_user_app_builder_with_args_if_necessary(builder, args)
+    built = {app._bound_deployment.name}
+    stack = list(app._bound_deployment.init_args)
+    while stack:
+        item = stack.pop()
+        if hasattr(item, "_bound_deployment"):
+            built.add(item._bound_deployment.name)
+            stack.extend(item._bound_deployment.init_args)
+    assert built == {d["name"] for d in app_cfg["deployments"]}
 
 
 # ----------------------------------------------------------------------------------------------
