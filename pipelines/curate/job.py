@@ -298,32 +298,38 @@ def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -
         sample = docs.filter(lambda r: not r["drop_stage"]).limit(cfg.tokenize.tokenizer_sample_docs)
         return [" ".join(r["texts"]) for r in sample.select_columns(["texts"]).take_all()]
 
-    tok = _prepare_tokenizer(out, cfg, kept_texts)
-    manifest["tokenizer_hash"] = tok.content_hash()
-    tok_path = str(out / "tokenizer")
-    encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
-                               fn_kwargs={"tok_path": tok_path, "mcfg": mcfg}).materialize()
-    t = _timed(durations, "tokenize", t)
-
-    # 8. pack + write samples under the temp folder; rejected rows and hashes beside them.
     samples_tmp = tmp / "samples"
-    (
-        encoded.filter(lambda r: not r["drop_stage"])
-        .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
-                     fn_kwargs={"tok_path": tok_path, "mcfg": mcfg,
-                                "packing": cfg.tokenize.packing == "pack"})
-        .write_parquet(str(samples_tmp), max_rows_per_file=cfg.tokenize.samples_per_file,
-                       schema=SAMPLE_SCHEMA)
-    )
+    n_kept = docs.filter(lambda r: not r["drop_stage"]).count()
+    if n_kept == 0:
+        # Nothing to tokenize: publish the accounting (everything dropped, with reasons), no samples.
+        encoded = docs
+    else:
+        tok = _prepare_tokenizer(out, cfg, kept_texts)
+        manifest["tokenizer_hash"] = tok.content_hash()
+        tok_path = str(out / "tokenizer")
+        encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
+                                   fn_kwargs={"tok_path": tok_path, "mcfg": mcfg}).materialize()
+        t = _timed(durations, "tokenize", t)
+
+        # 8. pack + write samples under the temp folder; rejected rows and hashes beside them.
+        (
+            encoded.filter(lambda r: not r["drop_stage"])
+            .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
+                         fn_kwargs={"tok_path": tok_path, "mcfg": mcfg,
+                                    "packing": cfg.tokenize.packing == "pack"})
+            .write_parquet(str(samples_tmp), max_rows_per_file=cfg.tokenize.samples_per_file,
+                           schema=SAMPLE_SCHEMA)
+        )
     acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
     acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
     written_files = sorted(samples_tmp.glob("*.parquet")) if samples_tmp.exists() else []
     n_samples, n_docs, n_images = _count_written(written_files)
     rejected = acct.filter(pa.compute.not_equal(acct["stage"], ""))
     rej_tmp = tmp / "rejected.parquet"
+    tmp.mkdir(parents=True, exist_ok=True)
     pq.write_table(rejected, rej_tmp)
     _write_hashes(encoded, tmp / "hashes.parquet")
-    t = _timed(durations, "write", t)
+    _timed(durations, "write", t)
 
     # Publish: rename files, then the manifest (the commit point of the group).
     stage_rows = acct.select(["image_index", "stage", "reason"]).to_pylist()
