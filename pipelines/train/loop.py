@@ -10,6 +10,7 @@ data position, RNG), 5. the step loop with progress/metrics/checkpoints, 6. expo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -49,16 +50,22 @@ class TrainerState:
 # 1. Process group and device
 
 
-def _init_process_group(gpu: bool) -> None:
-    """Ray Train workers arrive with a process group; local mode (workers=0) gets a 1-rank one."""
+def _init_process_group(gpu: bool) -> bool:
+    """Ray Train workers arrive with a process group; local mode (workers=0) gets a 1-rank one.
+
+    Returns True when this function created the group (the loop then destroys it at the end, so
+    a later local-mode run in the same process starts clean).
+    """
     if dist.is_initialized():
-        return
+        return False
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it; Ray Train sets it on workers
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group(
         backend="nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
     )
+    return True
 
 
 def _device(gpu: bool) -> torch.device:
@@ -80,12 +87,20 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> torch.nn.Module:
     if cfg.init_from:
         from dreamcore.checkpoint import from_pretrained
 
-        model = from_pretrained(cfg.init_from).model
+        model, previous_tokenizer = from_pretrained(cfg.init_from)
+        if previous_tokenizer.content_hash() != tokenizer.content_hash():
+            raise ValueError(
+                f"init_from={cfg.init_from}: its tokenizer differs from the one the data was tokenized with; "
+                "curate this stage's data with the previous stage's tokenizer (tokenizer.name_or_path)"
+            )
+        # The new stage's loss weights and freezing apply; the architecture comes from the export.
         model.cfg.stage = cfg.model.stage
+        model.cfg.loss = cfg.model.loss
+        model.cfg.decoder.condition_drop_prob = cfg.model.decoder.condition_drop_prob
     else:
         model = DreamLLM(cfg.model, tokenizer)
     apply_stage(model, cfg.model.stage)
-    return model
+    return model.train()
 
 
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
@@ -182,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     # 1. Process group + device
-    _init_process_group(cfg.scaling.gpu)
+    own_group = _init_process_group(cfg.scaling.gpu)
     device = _device(cfg.scaling.gpu)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
 
@@ -263,7 +278,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 eta = (cfg.max_steps - state.step) * (time.perf_counter() - t_attempt) / max(1, done_here)
                 print(progress_line(metrics, cfg.max_steps, eta), flush=True)
             window = dict.fromkeys(window, 0.0) | {"steps": 0}
-            t_window = time.perf_counter()
 
         if state.step % cfg.checkpoint.every_steps == 0 or last:
             # Ray Train only keeps metrics of checkpointed reports: gather positions of all ranks.
@@ -273,6 +287,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             save_checkpoint(engine, state, rank, metrics or {"step": state.step})
         elif metrics:
             ray.train.report(metrics)
+        if metrics:
+            t_window = time.perf_counter()  # throughput counts training, not checkpoint/report time
 
         if cfg.debug.fail_at_step and state.step == cfg.debug.fail_at_step and rank == 0:
             marker = run_dir / FAULT_MARKER
@@ -285,6 +301,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # 6. Export for serving/generation
     export_model(engine, tokenizer, cfg, run_dir / "model", rank)
+    if own_group:
+        dist.destroy_process_group()
     return {"step": state.step, "export": str(run_dir / "model")}
 
 
