@@ -140,3 +140,27 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
 def shutdown() -> None:
     """Stop Serve (the applications and the HTTP proxy); Ray itself keeps running."""
     serve.shutdown()
+
+
+def deployment_status(app_name: str = "dreamcore") -> dict[str, dict[str, Any]]:
+    """Per deployment: its autoscaling_config as Serve holds it, status, and RUNNING replica actors.
+
+    The same source as `serve.status()` (the controller's instance details), plus the deployment
+    config, which `serve.status()` leaves out.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    app = details.applications[app_name]
+    out = {}
+    for name, dep in app.deployments.items():
+        running = [r.actor_name for r in dep.replicas if str(r.state.value) == "RUNNING"]
+        auto = dep.deployment_config.autoscaling_config
+        out[name] = {
+            "status": str(dep.status.value),
+            "autoscaling_config": auto.model_dump() if hasattr(auto, "model_dump") else dict(auto or {}),
+            "running_replicas": running,
+            "target_num_replicas": dep.target_num_replicas,
+        }
+    return out

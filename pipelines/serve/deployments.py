@@ -9,7 +9,8 @@ Both model deployments batch concurrent requests with `serve.batch`; the model w
 worker thread so the replica's event loop keeps answering health checks and queue metrics.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Serve's class-based FastAPI views need real annotations
+# to tell request bodies from query parameters.
 
 import asyncio
 import base64
