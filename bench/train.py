@@ -1,0 +1,139 @@
+"""Training throughput: Ray Train + DeepSpeed against a bare PyTorch loop, and 2 workers against 1.
+
+Baselines, measured in the same run on the same synthetic shapes data and the same model/batch:
+  bare    single-process PyTorch loop: DreamLLM + torch AdamW, batches decoded in memory up front
+  ray-1   `pipelines.train.train` with 1 Ray Train worker (DeepSpeed ZeRO-2, Ray Data ingest)
+  ray-2   the same with 2 workers (data parallel; the global batch doubles)
+Printed: samples/s of each and the ratios ray-1/bare (goal >= 0.9) and ray-2/ray-1 (scaling).
+Both sides use the same number of torch threads (what Ray gives a 1-CPU worker), so the ratio
+measures the framework's overhead, not a thread-count difference. The first `--warmup` steps of
+each are left out. On a GPU machine the 1B-parameter bf16 ZeRO-2 MFU run would be added; this
+script says so when no GPU is present.
+
+  python bench/train.py [--steps 40] [--warmup 10] [--micro-batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from dreamcore.config import ModelConfig, preset, to_dict  # noqa: E402
+from dreamcore.schema import SAMPLE_SCHEMA  # noqa: E402
+
+
+def build_data(root: Path, cfg: ModelConfig, num_docs: int) -> Path:
+    """Interleaved shapes documents (text, image, text) as SAMPLE_SCHEMA Parquet + tokenizer."""
+    import json
+
+    from dreamcore import synthetic
+    from dreamcore.tokenizer import DreamTokenizer
+
+    rng = random.Random(0)
+    specs = [synthetic.ShapeSpec(*rng.choice(synthetic.TRAIN_COMBOS), variant=rng.randrange(synthetic.NUM_VARIANTS))
+             for _ in range(num_docs)]
+    texts = [(synthetic.describe(s, rng), synthetic.caption(s, rng)) for s in specs]
+    tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
+                               [t for pair in texts for t in pair])
+    tok.save_pretrained(root / "tokenizer")
+    encoded = [tok.encode_document([a, 0, b], max_len=cfg.max_seq_len, max_images=cfg.images_per_sample)
+               for a, b in texts]
+    rows = tok.pack(encoded, cfg.max_seq_len, cfg.images_per_sample, doc_ids=[str(i) for i in range(num_docs)])
+    records = [row.to_sample(f"s{i}", [synthetic.render_png(specs[d].name, cfg.image_resolution) for d, _ in row.images])
+               for i, row in enumerate(rows)]
+    pq.write_table(pa.Table.from_pylist(records, schema=SAMPLE_SCHEMA), root / "samples-00000.parquet")
+    (root / "manifest.json").write_text(json.dumps({"rows": len(records), "model": to_dict(cfg)}))
+    return root
+
+
+def bare_loop(cfg: ModelConfig, data_dir: Path, micro_batch: int, steps: int, warmup: int, lr: float) -> float:
+    """samples/s of a plain PyTorch loop over pre-decoded batches (no Ray, no DeepSpeed)."""
+    from dreamcore.batch import decode_batch, to_torch
+    from dreamcore.model import DreamLLM
+    from dreamcore.tokenizer import DreamTokenizer
+
+    torch.manual_seed(0)
+    model = DreamLLM(cfg, DreamTokenizer.from_pretrained(data_dir / "tokenizer")).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
+    columns = pq.read_table(data_dir / "samples-00000.parquet").to_pydict()
+    n = len(columns["input_ids"]) // micro_batch
+    batches = [to_torch(decode_batch({k: v[i * micro_batch:(i + 1) * micro_batch] for k, v in columns.items()}, cfg))
+               for i in range(n)]
+    t0 = None
+    for step in range(steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        out = model(batches[step % n])
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return (steps - warmup) * micro_batch / (time.perf_counter() - t0)
+
+
+def ray_run(data_dir: Path, run_dir: Path, overrides: list[str], workers: int, steps: int, warmup: int,
+            cpus: float) -> float:
+    """samples/s from the job's own metrics (windows after warmup; checkpoint time excluded)."""
+    from pipelines.train import load_train_config, train
+    from pipelines.train.metrics import read_metrics
+
+    cfg = load_train_config("tiny", None, [*overrides, f"max_steps={steps}", f"log_every={warmup}",
+                                           f"checkpoint.every_steps={steps}", f"scaling.cpus_per_worker={cpus}",
+                                           "scaling.max_failures=0"], workers=workers)
+    train(cfg, data_dir, run_dir)
+    rows = [r for r in read_metrics(run_dir) if r["step"] > warmup]
+    return statistics.mean(r["samples_per_s"] for r in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    import ray
+
+    cfg = preset("tiny")
+    overrides = [f"micro_batch_size={args.micro_batch}", f"optim.lr={args.lr}", "data.shuffle_buffer=0"]
+    torch.set_num_threads(1)  # what Ray gives a worker with 1 (or 0.5) CPU: OMP_NUM_THREADS=1
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        data = build_data(tmp / "data", cfg, num_docs=max(64, args.micro_batch * 16))
+        bare = bare_loop(cfg, data, args.micro_batch, args.steps, args.warmup, args.lr)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
+        one = ray_run(data, tmp / "run1", overrides, 1, args.steps, args.warmup, cpus=1.0)
+        two = ray_run(data, tmp / "run2", overrides, 2, args.steps, args.warmup, cpus=0.5)
+        ray.shutdown()
+    print(f"model: tiny preset; micro-batch {args.micro_batch}; {args.steps} steps, first {args.warmup} left out")
+    print(f"bare PyTorch loop (1 process, 1 thread) : {bare:8.2f} samples/s")
+    print(f"Ray Train + DeepSpeed, 1 worker         : {one:8.2f} samples/s   ratio vs bare {one / bare:.2f} (goal >= 0.9)")
+    print(f"Ray Train + DeepSpeed, 2 workers        : {two:8.2f} samples/s   ratio vs 1 worker {two / one:.2f}")
+    if torch.cuda.is_available():
+        print("GPU present: run the 1B bf16 ZeRO-2 MFU benchmark with `dreamcore train --gpu` (not automated here)")
+    else:
+        print(f"no GPU on this machine ({os.cpu_count()} CPU cores): the 1B-parameter bf16 ZeRO-2 tokens/s and "
+              "MFU measurement was not run")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
