@@ -34,7 +34,7 @@ def _cfg(*overrides: str, workers: int = 1):
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("checkpoint_*"))
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
 def test_local_mode_trains_and_exports(ray_session, data_dir, tmp_path):
