@@ -148,3 +148,36 @@ def load_train_config(
     flags += ["scaling.gpu=true"] if gpu else []
     cfg = load_config(base, path, [*(overrides or []), *flags])
     return cfg.validate()
+
+
+# Training fields of dreamcore.synthetic.TinyRecipe (or any recipe object with these attributes)
+# -> TrainConfig keys. Recipe fields not listed here (corpus size, evaluation) belong to curation
+# and scoring, not to the trainer.
+RECIPE_KEYS = {
+    "lr": "optim.lr",
+    "warmup_steps": "optim.warmup_steps",
+    "min_lr_ratio": "optim.min_lr_ratio",
+    "weight_decay": "optim.weight_decay",
+    "grad_clip": "optim.grad_clip",
+    "batch_size": "micro_batch_size",
+    "grad_accum": "grad_accum",
+    "max_steps": "max_steps",
+    "max_minutes": "max_minutes",
+}
+
+
+def recipe_overrides(recipe: object, workers: int = 1) -> list[str]:
+    """`key=value` overrides for a recipe such as `dreamcore.synthetic.TINY_RECIPE`.
+
+    The recipe's `batch_size` is the global batch the recipe was measured with; it is split over
+    the data-parallel workers so that 1 or 2 workers train with the same global batch.
+    """
+    out = []
+    for name, key in RECIPE_KEYS.items():
+        if not hasattr(recipe, name):
+            continue
+        value = getattr(recipe, name)
+        if name == "batch_size":
+            value = max(1, int(value) // max(1, workers))
+        out.append(f"{key}={value}")
+    return out
