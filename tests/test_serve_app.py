@@ -234,7 +234,7 @@ def test_killed_replica_is_replaced_and_endpoint_keeps_answering(served):
         status, headers, data = post(served, "/v1/images", {"prompt": "a", "seed": 1, "num_inference_steps": 2})
         ok = status == 200
         if not ok:
-            assert status == 503 and "Retry-After" in headers or "retry-after" in headers, (status, data)
+            assert status == 503 and "retry-after" in {k.lower() for k in headers}, (status, data)
             time.sleep(1)
     assert ok
     running = deployment_status("dreamcore")["LLMServer"]["running_replicas"]
@@ -242,7 +242,7 @@ def test_killed_replica_is_replaced_and_endpoint_keeps_answering(served):
 
 
 def test_overload_answers_503_with_retry_after_quickly(served):
-    body = {"prompt": "a red circle", "n": 4, "seed": 1, "num_inference_steps": 60}
+    body = {"prompt": "a red circle", "n": 2, "seed": 1, "num_inference_steps": 20}
 
     def one(_):
         t = time.time()
@@ -254,5 +254,6 @@ def test_overload_answers_503_with_retry_after_quickly(served):
     rejected = [r for r in results if r[0] == 503]
     assert rejected, [r[0] for r in results]
     assert {r[0] for r in results} <= {200, 503}
-    assert all(r[1].get("Retry-After") == "3" for r in rejected)
+    retry = [{k.lower(): v for k, v in r[1].items()}.get("retry-after") for r in rejected]
+    assert all(v == "3" for v in retry), retry
     assert max(r[2] for r in rejected) < 5.0  # refused at once, not after queueing
