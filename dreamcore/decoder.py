@@ -136,7 +136,7 @@ class DiffusionDecoder(nn.Module):
             sched = DDPMScheduler.load_config(path, subfolder="scheduler")
         except (OSError, ValueError) as e:
             raise ConfigError(
-                f"cannot load the decoder from decoder.name_or_path={path!r} ({e}). It must be a Stable "
+                f"cannot load the decoder from decoder.name_or_path={path!r} ({_first_line(e)}). It must be a Stable "
                 "Diffusion folder or hub id with unet/, scheduler/ (and vae/ when decoder.use_vae=true); "
                 "with HF_HUB_OFFLINE=1 only local folders and cached hub ids work"
             ) from None
@@ -264,6 +264,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(K, 3, H, W) in [0, 1] -> PIL RGB images."""
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 def _with(cfg: DecoderConfig, **changes: Any) -> DecoderConfig:

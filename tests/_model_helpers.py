@@ -11,6 +11,7 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -81,3 +82,12 @@ INTERLEAVED = [
     ["here is a picture", 0, "of a purple star"],
 ]
 TEXT_ONLY = [["a red circle on a white background"], ["two yellow squares next to a blue circle"]]
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Tiny tensors: on a shared 2-core box, intra-op threads spin and cost 10x more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,10 +6,20 @@ import dataclasses
 
 import pytest
 import torch
-from _model_helpers import INTERLEAVED, TEXT_ONLY, make_batch, tiny_cfg, tiny_model, tiny_tokenizer
+from _model_helpers import (  # noqa: F401 (fixture)
+    INTERLEAVED,
+    TEXT_ONLY,
+    make_batch,
+    one_thread,
+    tiny_cfg,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from dreamcore.config import ConfigError, LossConfig
 from dreamcore.model import DreamLLM, PlaceholderMismatchError, apply_stage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grad_norm(params) -> float:
