@@ -36,8 +36,15 @@ DEFAULT_EXCLUDES = [
     ".ruff_cache", "*.egg-info", "build", "dist",
 ]
 
-# Set for every job: the same defaults the local CLI sets before importing anything.
-DEFAULT_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Set for every job: the same defaults the local CLI sets before importing anything. The stages call
+# `ray.init(runtime_env={"env_vars": ...})` themselves; inside a job Ray refuses to merge that with
+# the job's runtime_env when a key repeats, unless RAY_OVERRIDE_JOB_RUNTIME_ENV=1 (then env_vars merge
+# per key, the stage's value winning, and the job's working_dir is kept).
+DEFAULT_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
+}
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}

@@ -93,7 +93,7 @@ def strict(schema: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_crd(path: Path) -> dict[str, Any]:
     # The CRDs are ~1 MB each: parse once per session, with libyaml when present.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -346,3 +346,58 @@ def test_ray_up_config_keeps_ray_ports_private():
         assert f"FromPort: {port}" not in text and f"ToPort: {port}" not in text
     assert "RAY_AUTH_MODE=token" in text
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's "Running on a cluster" block (kept in docs/operations.md)
+
+
+def _readme_block() -> dict[str, list[str]]:
+    """Stage title -> its command lines, from the first bash block under the README heading."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    section = text.split("## README block: Running on a cluster", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in block.splitlines():
+        if re.match(r"# \d\. ", line):
+            current = line[2:]
+            stages[current] = []
+        elif line.strip() and not line.lstrip().startswith("#"):
+            stages[current].append(line.split("  #", 1)[0].strip())
+    return stages
+
+
+def test_readme_block_has_at_most_three_commands_per_stage():
+    stages = _readme_block()
+    assert len(stages) == 4, list(stages)
+    for title, commands in stages.items():
+        assert 1 <= len(commands) <= 3, f"{title}: {len(commands)} commands"
+
+
+def test_readme_submit_commands_parse_with_the_real_verbs():
+    """Every `dreamcore submit STAGE ...` line is valid for submit and for the stage it runs."""
+    import argparse
+    import importlib
+    import shlex
+
+    from dreamcore.cli import VERBS
+    from pipelines import submit
+
+    commands = [c for cs in _readme_block().values() for c in cs if c.startswith("dreamcore submit")]
+    assert {shlex.split(c)[2] for c in commands} == {"curate", "train"}
+    for command in commands:
+        argv = [a.replace("$DREAMCORE_STORAGE", EXAMPLE_PARAMS["DREAMCORE_STORAGE"])
+                for a in shlex.split(command)[2:]]
+        parser = argparse.ArgumentParser()
+        submit.add_arguments(parser)
+        args = parser.parse_args(argv)
+        stage_args = submit.split_rest(args)
+        assert args.address == "http://127.0.0.1:8265"
+        try:
+            module = importlib.import_module(VERBS[args.what][0])
+        except ModuleNotFoundError:
+            pytest.skip(f"{VERBS[args.what][0]} has not landed yet")
+        stage_parser = argparse.ArgumentParser(prog=f"dreamcore {args.what}")
+        module.add_arguments(stage_parser)
+        stage_parser.parse_args(stage_args)

@@ -254,6 +254,7 @@ def test_unknown_job_id_is_a_clear_error(ray_head):
 
 @pytest.fixture(scope="module")
 def image_server():
+    sys.path.insert(0, str(Path(__file__).parent))  # the curation tests' helpers live beside this file
     from _curate_helpers import CaseServer, image_bytes
 
     images = {f"{i}.png": image_bytes("PNG", (32, 32), seed=i) for i in range(12)}
