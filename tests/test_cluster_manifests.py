@@ -31,13 +31,14 @@ MANIFESTS = {
     "rayjob-train.yaml": "RayJob",
     "rayservice.yaml": "RayService",
 }
+STORAGE = "/mnt/dreamcore"  # the shared claim `dreamcore-storage` (storage.yaml), in every pod
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 
 # The parameters users set before `envsubst` (docs/operations.md lists the same names).
 EXAMPLE_PARAMS = {
     "DREAMCORE_IMAGE": "registry.example.com/dreamcore:0.1.0-gpu",
-    "DREAMCORE_STORAGE": "s3://example-bucket/dreamcore",
+    "DREAMCORE_STORAGE_CLASS": "efs-sc",
     "DREAMCORE_INPUT": "s3://example-bucket/raw/mmc4/docs_shard_0.jsonl.gz",
     "DREAMCORE_DATASET": "mmc4-v1",
     "DREAMCORE_RUN": "stage2-r1",
@@ -166,6 +167,37 @@ def test_int_or_string_quantities_accept_both_forms(shared_dir):
 
 
 @pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_every_pod_mounts_the_shared_storage(name):
+    # Stages write local paths and Ray Train's storage_path must be shared by every node.
+    for template in pod_templates(load_manifest(name)):
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in template["spec"].get("volumes", [])
+                  if "persistentVolumeClaim" in v]
+        assert claims == ["dreamcore-storage"]
+        mounts = [m for c in template["spec"]["containers"] for m in c.get("volumeMounts", [])
+                  if m["name"] == "storage"]
+        assert mounts, f"{name}: a pod without the storage mount"
+        if MANIFESTS[name] != "RayService":
+            assert {m["mountPath"] for m in mounts} == {STORAGE}
+
+
+def test_rayservice_mounts_the_checkpoint_where_serve_yaml_expects_it():
+    in_service, _ = _serve_configs()
+    ckpt = in_service["applications"][0]["args"]["checkpoint"]
+    for template in pod_templates(load_manifest("rayservice.yaml")):
+        mounts = {m["mountPath"]: m for m in template["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts[ckpt]["subPath"] == f"runs/{EXAMPLE_PARAMS['DREAMCORE_RUN']}/model"
+        assert mounts[ckpt]["readOnly"] is True
+
+
+def test_storage_claim_is_shared_read_write():
+    pvc = yaml.safe_load(render((KUBERAY / "storage.yaml").read_text()))
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["metadata"]["name"] == "dreamcore-storage"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["storageClassName"] == EXAMPLE_PARAMS["DREAMCORE_STORAGE_CLASS"]
+    assert set(pvc["spec"]) == {"accessModes", "storageClassName", "resources"}
+
+
+@pytest.mark.parametrize("name", [*sorted(MANIFESTS), "storage.yaml"])
 def test_every_placeholder_is_a_documented_parameter(name):
     text = (KUBERAY / name).read_text()
     used = set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text))
@@ -226,8 +258,7 @@ def test_rayjob_runs_the_project_cli_with_a_valid_runtime_env(name, stage):
     RuntimeEnv(**runtime_env)  # raises on unknown or malformed runtime_env fields
     assert spec["shutdownAfterJobFinishes"] is True  # the job's cluster goes away with the job
     # Output goes to the object store, under the documented layout.
-    storage = EXAMPLE_PARAMS["DREAMCORE_STORAGE"]
-    assert f"{storage}/data/{EXAMPLE_PARAMS['DREAMCORE_DATASET']}" in spec["entrypoint"]
+    assert f"{STORAGE}/data/{EXAMPLE_PARAMS['DREAMCORE_DATASET']}" in spec["entrypoint"]
 
 
 def test_rayjob_arguments_parse_with_the_stage_verbs():
@@ -258,7 +289,7 @@ def test_training_job_requests_what_it_trains_on():
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     # Ray Train needs every worker at once: the group must be able to hold all of them.
     assert group["maxReplicas"] * gpus >= workers
-    assert f"{EXAMPLE_PARAMS['DREAMCORE_STORAGE']}/runs/{EXAMPLE_PARAMS['DREAMCORE_RUN']}" in spec["entrypoint"]
+    assert f"{STORAGE}/runs/{EXAMPLE_PARAMS['DREAMCORE_RUN']}" in spec["entrypoint"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,8 +418,7 @@ def test_readme_submit_commands_parse_with_the_real_verbs():
     commands = [c for cs in _readme_block().values() for c in cs if c.startswith("dreamcore submit")]
     assert {shlex.split(c)[2] for c in commands} == {"curate", "train"}
     for command in commands:
-        argv = [a.replace("$DREAMCORE_STORAGE", EXAMPLE_PARAMS["DREAMCORE_STORAGE"])
-                for a in shlex.split(command)[2:]]
+        argv = shlex.split(command)[2:]
         parser = argparse.ArgumentParser()
         submit.add_arguments(parser)
         args = parser.parse_args(argv)
