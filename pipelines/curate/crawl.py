@@ -61,11 +61,7 @@ def check_address(host: str, port: int, allow_private: bool) -> str:
     Returns one resolved address; http requests connect to it, so a DNS answer that changes
     between check and connect (rebinding) cannot reach a refused address.
     """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise Refused("dns_failure", f"cannot resolve {host}: {e}") from None
-    addresses = [info[4][0] for info in infos]
+    addresses = _resolve(host, port)
     for addr in addresses:
         ip = ipaddress.ip_address(addr.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -76,6 +72,32 @@ def check_address(host: str, port: int, allow_private: bool) -> str:
         if bad and not allow_private:
             raise Refused("ssrf_refused", f"{host} resolves to non-public address {ip}")
     return addresses[0]
+
+
+_DNS_TTL_S = 60.0
+_DNS_LOCK = threading.Lock()
+_DNS: dict[tuple[str, int], tuple[float, list[str] | str]] = {}
+_DNS_HOST_LOCKS: dict[tuple[str, int], threading.Lock] = {}
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """getaddrinfo with a short per-process cache (failures too): a host with many images is
+    resolved once, and a resolver that times out (5 s offline) is waited for once, not per image."""
+    key = (host, port)
+    with _DNS_LOCK:
+        host_lock = _DNS_HOST_LOCKS.setdefault(key, threading.Lock())
+    with host_lock:
+        hit = _DNS.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                hit = (time.monotonic() + _DNS_TTL_S, [info[4][0] for info in infos])
+            except (socket.gaierror, UnicodeError, OSError) as e:
+                hit = (time.monotonic() + _DNS_TTL_S, f"cannot resolve {host}: {e}")
+            _DNS[key] = hit
+    if isinstance(hit[1], str):
+        raise Refused("dns_failure", hit[1])
+    return hit[1]
 
 
 def _pinned(url: str, allow_private: bool) -> tuple[str, dict[str, str]]:

@@ -256,7 +256,11 @@ def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -
 
     # 1-3. read -> crawl -> filter (streamed), materialized for the two dedup passes.
     ds = ray.data.read_binary_files(group, include_paths=True, override_num_blocks=len(group))
-    ds = ds.map_batches(read_udf, batch_size=1, batch_format="pyarrow")
+    ds = ds.map_batches(read_udf, batch_size=1, batch_format="pyarrow").materialize()
+    # One shard is one block: split it so crawl tasks run side by side (a block's batches run in
+    # sequence, so one slow host would otherwise stall the whole shard).
+    n_docs = ds.count()
+    ds = ds.repartition(max(1, -(-n_docs // cfg.crawl.batch_size)))
     crawl_json = json.dumps(to_dict(cfg.crawl))
     docs = ds.map_batches(
         crawl_filter_udf, batch_size=cfg.crawl.batch_size, batch_format="pyarrow",
