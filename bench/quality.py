@@ -1,0 +1,174 @@
+"""Does the tiny preset learn? Train it in-process on the shapes world, then score held-out cases.
+
+The experiment loop behind `dreamcore.synthetic.TINY_RECIPE`: the same data path as curation
+(MMC4 corpus -> tokenizer.interleave -> encode_document -> pack -> PNG rows -> batch.decode_batch),
+plain PyTorch AdamW with warmup + cosine, a wall-clock and a step budget, then
+`dreamcore.synthetic.evaluate` (held-out prompts -> images -> scorer; held-out images -> captions).
+Every figure is printed beside its chance level (the named baseline), plus steps/s so a run on a
+busy machine can be converted to the quiet-machine budget.
+
+    .venv/bin/python bench/quality.py                       # the recipe: up to 10 min of training
+    .venv/bin/python bench/quality.py --steps 300 --set decoder.resolution=32 --lr 2e-3
+    .venv/bin/python bench/quality.py --speed-only          # steps/s of the recipe, no training run
+
+No Ray here: this measures the model and the recipe, not the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dreamcore.batch import decode_batch, to_torch  # noqa: E402
+from dreamcore.config import ModelConfig, load_config, tiny, to_dict  # noqa: E402
+from dreamcore.model import DreamLLM  # noqa: E402
+from dreamcore.synthetic import TINY_RECIPE, TinyRecipe, evaluate, make_corpus, render_png  # noqa: E402
+from dreamcore.tokenizer import DreamTokenizer, interleave  # noqa: E402
+
+
+def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer) -> dict[str, np.ndarray]:
+    """The whole corpus as one decoded batch dict (N rows), exactly as curation + decode_batch make it."""
+    encoded, owners = [], []
+    for d, doc in enumerate(docs):
+        parts, problems = interleave(doc["text_list"], [i["matched_text_index"] for i in doc["image_info"]])
+        if problems:
+            raise ValueError(f"synthetic document {doc['url']}: {problems}")
+        enc = tokenizer.encode_document(parts, max_len=cfg.max_seq_len, max_images=cfg.images_per_sample)
+        if enc.dropped_images:  # a synthetic doc should fit; say so instead of training on less
+            print(f"note: {doc['url']} lost images {enc.dropped_images} to truncation", file=sys.stderr)
+        encoded.append(enc)
+        owners.append(d)
+    rows = tokenizer.pack(encoded, cfg.max_seq_len, cfg.images_per_sample)
+    res = cfg.image_resolution
+    samples = []
+    for r, row in enumerate(rows):
+        pngs = [render_png(docs[pos]["image_info"][img]["image_name"][:-4], res) for pos, img in row.images]
+        samples.append(row.to_sample(f"row{r}", pngs))
+    columns = {k: [s[k] for s in samples] for k in samples[0]}
+    return decode_batch(columns, cfg)
+
+
+def lr_at(step: int, recipe: TinyRecipe, total: int) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at `total` steps."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = min(1.0, (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps))
+    floor = recipe.lr * recipe.min_lr_ratio
+    return floor + 0.5 * (recipe.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int = 0
+          ) -> tuple[DreamLLM, DreamTokenizer, dict]:
+    """Train the model in-process until max_steps or max_minutes, whichever comes first."""
+    torch.manual_seed(seed)
+    t0 = time.time()
+    docs = make_corpus(recipe.num_docs, recipe.corpus_seed, "http://127.0.0.1:1")
+    tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
+                                     corpus_texts=[t for d in docs for t in d["text_list"]])
+    data = build_rows(cfg, docs, tokenizer)
+    n_rows = data["input_ids"].shape[0]
+    n_images = int((data["dream_slots"] >= 0).sum())
+    print(f"data: {len(docs)} docs -> {n_rows} rows of {cfg.max_seq_len} tokens, {n_images} images "
+          f"({time.time() - t0:.1f}s)", flush=True)
+
+    model = DreamLLM(cfg, tokenizer)
+    model.train()
+    params = model.trainable_parameters()
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+          f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable); "
+          f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M", flush=True)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_rows)
+    cursor, step, history = 0, 0, []
+    start = time.time()
+    deadline = start + recipe.max_minutes * 60
+    while step < recipe.max_steps and time.time() < deadline:
+        if cursor + recipe.batch_size > n_rows:
+            order, cursor = rng.permutation(n_rows), 0
+        idx = order[cursor:cursor + recipe.batch_size]
+        cursor += recipe.batch_size
+        batch = to_torch({k: v[idx] for k, v in data.items()})
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe, recipe.max_steps)
+        out = model(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        opt.step()
+        step += 1
+        history.append((float(out["lm_loss"]), float(out["vm_loss"])))
+        if step % log_every == 0 or step == 1:
+            lm, vm = np.mean(history[-log_every:], axis=0)
+            print(f"step {step:5d}  lm {lm:.3f}  vm {vm:.4f}  {step / (time.time() - start):.2f} steps/s",
+                  flush=True)
+    elapsed = time.time() - start
+    stats = {"steps": step, "train_seconds": round(elapsed, 1), "steps_per_s": round(step / elapsed, 3),
+             "rows": n_rows, "images": n_images,
+             "final_lm_loss": round(float(np.mean([h[0] for h in history[-50:]])), 4),
+             "final_vm_loss": round(float(np.mean([h[1] for h in history[-50:]])), 5)}
+    return model, tokenizer, stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig override on the tiny preset, e.g. decoder.resolution=32")
+    p.add_argument("--steps", type=int, help=f"step budget (recipe: {TINY_RECIPE.max_steps})")
+    p.add_argument("--minutes", type=float, help=f"training wall-clock budget (recipe: {TINY_RECIPE.max_minutes})")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch", type=int, help="packed rows per step")
+    p.add_argument("--docs", type=int, help="corpus size")
+    p.add_argument("--guidance", type=float, help="guidance scale at evaluation")
+    p.add_argument("--eval-n", type=int, default=72, help="held-out prompts and images to score")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--speed-only", action="store_true", help="time 20 steps and stop (no evaluation)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    cfg = load_config(tiny(), None, args.overrides)
+    changes = {"max_steps": args.steps, "max_minutes": args.minutes, "lr": args.lr,
+               "batch_size": args.batch, "num_docs": args.docs}
+    recipe = dataclasses.replace(TINY_RECIPE, **{k: v for k, v in changes.items() if v is not None})
+    if args.speed_only:
+        recipe = dataclasses.replace(recipe, max_steps=25, max_minutes=10, num_docs=min(recipe.num_docs, 200))
+    print(f"recipe: {dataclasses.asdict(recipe)}")
+    print(f"overrides: {args.overrides or 'none'} (threads {args.threads})", flush=True)
+
+    model, tokenizer, stats = train(cfg, recipe, log_every=5 if args.speed_only else 50, seed=args.seed)
+    print(f"trained: {stats}", flush=True)
+    if args.speed_only:
+        return 0
+    t = time.time()
+    guidance = args.guidance if args.guidance is not None else recipe.eval_guidance_scale
+    report = evaluate(model, tokenizer, args.eval_n, args.eval_n, seed=args.seed, guidance_scale=guidance,
+                      num_inference_steps=recipe.eval_inference_steps)
+    print(f"evaluated in {time.time() - t:.1f}s (guidance {guidance}):")
+    for line in report.lines():
+        print("  " + line)
+    for s in report.samples or []:
+        print("  example:", s)
+    if args.json:
+        args.json.write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "overrides": args.overrides,
+                                         "model": to_dict(cfg), "train": stats,
+                                         "eval": dataclasses.asdict(report)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
