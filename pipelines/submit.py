@@ -290,7 +290,8 @@ def wait(client, job_id: str, timeout: float | None = None, poll_s: float = 1.0)
 
 def report(client, job_id: str, status: str) -> int:
     info = client.get_job_info(job_id)
-    message = f": {info.message}" if info.message else ""
+    # Ray appends the log tail to a failure message; the logs were already streamed: keep line one.
+    message = f": {info.message.splitlines()[0]}" if info.message else ""
     print(f"dreamcore: job {job_id} {status}{message}", file=sys.stderr)
     return EXIT_CODES.get(status, 3)
 
