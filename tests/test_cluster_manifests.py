@@ -431,3 +431,20 @@ def test_readme_submit_commands_parse_with_the_real_verbs():
         stage_parser = argparse.ArgumentParser(prog=f"dreamcore {args.what}")
         module.add_arguments(stage_parser)
         stage_parser.parse_args(stage_args)
+
+
+def test_ray_versions_agree_with_the_client():
+    """Image, manifests, `ray up` and the local client must run one Ray version (the Jobs API and
+    the runtime_env protocol are not stable across versions)."""
+    import ray
+
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    base = re.search(r"^FROM rayproject/ray:(\S+?)-py(\d)(\d+)", dockerfile, re.M)
+    assert base and base.group(1) == ray.__version__
+    assert (base.group(2), base.group(3)) == tuple(map(str, __import__("sys").version_info[:2]))
+    for name in MANIFESTS:
+        spec = load_manifest(name)["spec"]
+        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+        assert cluster["rayVersion"] == ray.__version__, name
+    aws = (REPO / "cluster" / "aws.yaml").read_text()
+    assert f"ray[default,data,train,serve]=={ray.__version__}" in aws
