@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ from pipelines.train.metrics import MetricsWriter, mfu, peak_flops, progress_lin
 DS_TAG = "deepspeed"  # every rank saves under the same tag (DeepSpeed requires it)
 STATE_FILE = "trainer_state.json"
 FAULT_MARKER = ".fault_injected"
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout (Ray forwards it to the driver).
+
+    Not `print`: Ray Train V2 patches print into its logger, which shows every line twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class InjectedFailure(RuntimeError):
@@ -213,11 +223,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model=model, model_parameters=params, config=deepspeed_config(cfg, world), dist_init_required=False
     )
 
+    if rank == 0:
+        n_all = sum(p.numel() for p in model.parameters())
+        say(f"[train] {world} worker(s) x {torch.get_num_threads()} torch threads, {cfg.precision}, "
+            f"ZeRO-{cfg.deepspeed.zero_stage}, stage {cfg.model.stage}: {sum(p.numel() for p in params):,} of "
+            f"{n_all:,} parameters train; global batch {cfg.global_batch_size(world)}")
+
     # 4. Resume
     state = load_checkpoint(engine, rank) or TrainerState()
     position = DataPosition(**state.positions.get(str(rank), {}))
     if rank == 0 and state.step:
-        print(f"[train] resumed at step {state.step} (epoch {position.epoch}, batch {position.batches_done})")
+        say(f"[train] resumed at step {state.step} (epoch {position.epoch}, batch {position.batches_done})")
     batches = iterate_batches(
         ray.train.get_dataset_shard("train"), cfg.micro_batch_size, position, cfg.seed, rank,
         cfg.data.shuffle_buffer, cfg.data.prefetch_batches,
@@ -276,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 writer.write(metrics)
                 done_here = state.step - start_step
                 eta = (cfg.max_steps - state.step) * (time.perf_counter() - t_attempt) / max(1, done_here)
-                print(progress_line(metrics, cfg.max_steps, eta), flush=True)
+                say(progress_line(metrics, cfg.max_steps, eta))
             window = dict.fromkeys(window, 0.0) | {"steps": 0}
 
         if state.step % cfg.checkpoint.every_steps == 0 or last:
@@ -322,4 +338,4 @@ def export_model(engine: Any, tokenizer: Any, cfg: TrainConfig, out: Path, rank:
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        print(f"[train] exported model to {out}", flush=True)
+        say(f"[train] exported model to {out}")
