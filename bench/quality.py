@@ -93,7 +93,7 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_rows)
     cursor, step, history = 0, 0, []
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     deadline = start + recipe.max_minutes * 60
     while step < recipe.max_steps and time.time() < deadline:
         if cursor + recipe.batch_size > n_rows:
@@ -112,10 +112,15 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
         history.append((float(out["lm_loss"]), float(out["vm_loss"])))
         if step % log_every == 0 or step == 1:
             lm, vm = np.mean(history[-log_every:], axis=0)
-            print(f"step {step:5d}  lm {lm:.3f}  vm {vm:.4f}  {step / (time.time() - start):.2f} steps/s",
-                  flush=True)
-    elapsed = time.time() - start
+            cpu_per_step = (time.process_time() - cpu_start) / step
+            print(f"step {step:5d}  lm {lm:.3f}  vm {vm:.4f}  {step / (time.time() - start):.2f} steps/s  "
+                  f"{cpu_per_step:.2f} cpu-s/step", flush=True)
+    elapsed, cpu = time.time() - start, time.process_time() - cpu_start
+    # CPU seconds per step do not depend on how busy the shared machine is: with T threads a
+    # quiet machine runs about cpu_s_per_step / T seconds per step (an upper bound: contention
+    # only adds cache misses and spinning).
     stats = {"steps": step, "train_seconds": round(elapsed, 1), "steps_per_s": round(step / elapsed, 3),
+             "cpu_s_per_step": round(cpu / max(step, 1), 3),
              "rows": n_rows, "images": n_images,
              "final_lm_loss": round(float(np.mean([h[0] for h in history[-50:]])), 4),
              "final_vm_loss": round(float(np.mean([h[1] for h in history[-50:]])), 5)}

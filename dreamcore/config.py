@@ -175,6 +175,10 @@ def tiny() -> ModelConfig:
     cfg = ModelConfig()
     cfg.vision.freeze = False
     cfg.decoder.freeze = False
+    # diffusers reads attention_head_dim as the number of heads (its documented naming quirk): 8
+    # gave 8 heads of width 4 at 32 channels; 2 heads of width 16 train 1.75x faster per step on
+    # CPU (bench/quality.py, 1 thread: 0.77 -> 0.44 cpu-s/step) with no loss of capacity.
+    cfg.decoder.attention_head_dim = 2
     return cfg
 
 
