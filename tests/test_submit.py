@@ -332,3 +332,35 @@ def test_stop_a_running_job(ray_head, tmp_path):
         assert stop.returncode == 2 and f"job {job} STOPPED" in stop.stderr, stop.stderr
         assert f"{job} STOPPED" in dreamcore("submit", "status", job, "--address", ray_head).stdout
         assert not (tmp_path / "data" / "manifest.json").exists()  # it never finished
+
+
+@pytest.mark.e2e
+def test_serve_as_a_job_answers_http_until_stopped(ray_head, tmp_path):
+    """`submit serve` runs `dreamcore serve` on the cluster; it serves until the job is stopped."""
+    import urllib.request
+
+    from _serve_helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "model")
+    (port,) = _free_ports(1)
+    sub = dreamcore("submit", "serve", "--checkpoint", str(ckpt), "--port", str(port), "--no-wait",
+                    "--address", ray_head)
+    assert sub.returncode == 0, sub.stderr
+    job = job_id_of(sub)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            status = dreamcore("submit", "status", job, "--address", ray_head).stdout
+            assert "RUNNING" in status or "PENDING" in status, status + \
+                dreamcore("submit", "logs", job, "--address", ray_head).stdout[-3000:]
+            assert time.monotonic() < deadline, "the served app never answered /healthz"
+            time.sleep(2)
+    finally:
+        stop = dreamcore("submit", "stop", job, "--address", ray_head)
+    assert stop.returncode == 2 and f"job {job} STOPPED" in stop.stderr, stop.stderr
