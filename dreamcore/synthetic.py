@@ -545,6 +545,15 @@ class TinyRecipe:
     eval_guidance_scale: float = 3.0
     eval_inference_steps: int = 20
 
+    def train_overrides(self) -> list[str]:
+        """The recipe as `--set` overrides of pipelines.train's TrainConfig (same names there)."""
+        return [
+            f"optim.lr={self.lr}", f"optim.warmup_steps={self.warmup_steps}",
+            f"optim.min_lr_ratio={self.min_lr_ratio}", f"optim.weight_decay={self.weight_decay}",
+            f"optim.grad_clip={self.grad_clip}", f"micro_batch_size={self.batch_size}",
+            f"max_steps={self.max_steps}", f"max_minutes={self.max_minutes}",
+        ]
+
 
 TINY_RECIPE = TinyRecipe()
 

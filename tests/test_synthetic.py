@@ -161,3 +161,39 @@ def test_corpus_urls_resolve_on_the_server():
 def test_tiny_recipe_is_documented():
     r = syn.TINY_RECIPE
     assert r.max_minutes <= 10 and r.lr > 0 and r.batch_size > 0 and r.max_steps > 0
+
+
+def test_tiny_recipe_maps_onto_the_train_config():
+    """The recipe's overrides must be keys the training job accepts (a typo would be an error there)."""
+    train_config = pytest.importorskip("pipelines.train.config")
+    from dreamcore.config import load_config
+
+    cfg = load_config(train_config.TrainConfig(), None, syn.TINY_RECIPE.train_overrides())
+    assert cfg.optim.lr == syn.TINY_RECIPE.lr
+    assert cfg.micro_batch_size == syn.TINY_RECIPE.batch_size
+    assert cfg.max_steps == syn.TINY_RECIPE.max_steps
+
+
+def test_evaluate_scores_a_model_end_to_end():
+    """evaluate() runs the real generation helpers on held-out cases and reports fractions."""
+    torch = pytest.importorskip("torch")
+    from dreamcore.config import tiny
+    from dreamcore.model import DreamLLM
+    from dreamcore.tokenizer import DreamTokenizer
+
+    cfg = tiny()
+    docs = syn.make_corpus(20, seed=0, image_base_url="http://h")
+    tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
+                               corpus_texts=[t for d in docs for t in d["text_list"]])
+    torch.manual_seed(0)
+    model = DreamLLM(cfg, tok)
+    model.train()
+    report = syn.evaluate(model, tok, num_prompts=3, num_images=2, num_inference_steps=2)
+    assert model.training  # restored
+    assert (report.num_prompts, report.num_images) == (3, 2)
+    for acc, n in ((report.image_colour_acc, 3), (report.image_shape_acc, 3), (report.caption_acc, 2)):
+        assert 0.0 <= acc <= 1.0 and round(acc * n, 6) == int(round(acc * n))
+    assert report.chance_colour == pytest.approx(1 / 6) and report.chance_caption == pytest.approx(1 / 18)
+    prompts = [s["prompt"] for s in report.samples if "prompt" in s]
+    assert prompts == [p for p, _ in syn.heldout_prompts(3, 0)]
+    assert all(len(line) > 0 for line in report.lines())
