@@ -9,6 +9,7 @@ Ray). Teardown stops exactly that head's process tree, never `ray stop` (which i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -174,8 +175,8 @@ def _stop_head(pgid: int) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
+@contextlib.contextmanager
+def local_head(**env: str) -> Iterator[str]:
     """A Ray head of its own (dashboard = Jobs API on 127.0.0.1); yields the dashboard URL."""
     temp = tempfile.mkdtemp(prefix="dch", dir="/tmp")  # short: Unix socket paths are capped at 107
     (gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr) = _free_ports(9)
@@ -189,7 +190,7 @@ def ray_head() -> Iterator[str]:
         "--disable-usage-stats",
     ]
     # start_new_session: the head's daemons share this group, so teardown finds them all.
-    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env={**_env(), **env}, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     pgid = proc.pid
     try:
@@ -204,6 +205,12 @@ def ray_head() -> Iterator[str]:
         subprocess.run(["rm", "-rf", temp], check=False)
 
 
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    with local_head() as url:
+        yield url
+
+
 def _wait_for_jobs_api(url: str, timeout: float = 60) -> None:
     import urllib.request
 
@@ -213,6 +220,9 @@ def _wait_for_jobs_api(url: str, timeout: float = 60) -> None:
             with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
                 if r.status == 200:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # up, and asking for a token
+                return
         except OSError:
             pass
         if time.monotonic() > deadline:
@@ -364,3 +374,23 @@ def test_serve_as_a_job_answers_http_until_stopped(ray_head, tmp_path):
     finally:
         stop = dreamcore("submit", "stop", job, "--address", ray_head)
     assert stop.returncode == 2 and f"job {job} STOPPED" in stop.stderr, stop.stderr
+
+
+@pytest.mark.e2e
+def test_token_authentication_is_required_and_named():
+    """A head with token auth (the cluster default we document) refuses a client without the token
+    with a message naming the fix, and accepts one with it."""
+    import secrets
+
+    token = secrets.token_hex(16)
+    with local_head(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token) as url:
+        no_token = dreamcore("submit", "train", "--help", "--address", url)
+        assert no_token.returncode == 2, no_token.stdout + no_token.stderr
+        assert "RAY_AUTH_TOKEN" in no_token.stderr and "Traceback" not in no_token.stderr
+        assert "submitted job" not in no_token.stdout
+
+        env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        ok = subprocess.run([str(BIN / "dreamcore"), "submit", "train", "--help", "--address", url],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+        assert "--data" in ok.stdout  # train's own help text, printed on the cluster
