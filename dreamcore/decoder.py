@@ -38,6 +38,10 @@ def unet_from_config(cfg: DecoderConfig, in_channels: int = 3) -> UNet2DConditio
     down = tuple(["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]) if n > 1 else ("CrossAttnDownBlock2D",)
     up = tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)) if n > 1 else ("CrossAttnUpBlock2D",)
     groups = min(32, *cfg.block_out_channels)
+    # decoder.attention_head_dim goes to diffusers unchanged, and diffusers' UNet2DConditionModel
+    # reads it as the NUMBER of heads (a naming quirk it keeps for compatibility): the tiny preset's
+    # 2 means 2 heads of width 16. Pretrained decoders bring their own value.
+    heads = cfg.attention_head_dim
     return UNet2DConditionModel(
         sample_size=cfg.resolution,
         in_channels=in_channels,
@@ -47,7 +51,7 @@ def unet_from_config(cfg: DecoderConfig, in_channels: int = 3) -> UNet2DConditio
         down_block_types=down,
         up_block_types=up,
         cross_attention_dim=cfg.cross_attention_dim,
-        attention_head_dim=cfg.attention_head_dim,
+        attention_head_dim=heads,
         norm_num_groups=groups,
     )
 
