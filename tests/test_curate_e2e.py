@@ -21,7 +21,7 @@ from dreamcore.schema import SAMPLE_SCHEMA
 from dreamcore.tokenizer import DreamTokenizer
 from pipelines.curate import manifest as mf
 from pipelines.curate.config import CurateConfig, embedded
-from pipelines.curate.job import curate
+from pipelines.curate.job import CurateError, curate
 
 pytestmark = pytest.mark.e2e
 
@@ -126,6 +126,12 @@ def test_every_case_ends_in_its_reason_and_reruns_resume(ray_session, tmp_path):
     assert final["stages"]["read"]["in"]["documents"] == 9 and len(final["groups"]) == 2
     assert final["stages"]["write"]["out"]["images"] == 11
     assert len(final["rejected"]["files"]) == 2
+
+    # Resuming with a layout that would not match the published samples is refused up front.
+    changed = _fast(embedded())
+    changed.tokenize.packing = "truncate"
+    with pytest.raises(CurateError, match="tokenize.packing"):
+        curate([str(shard1)], out, changed)
 
 
 def test_bad_cli_input_is_one_clear_line(ray_session, tmp_path, capsys):

@@ -16,6 +16,7 @@ run leaves nothing a reader would take as complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,6 +48,8 @@ from .readers import expand_inputs, parse_shard, rows_to_table
 from .similarity import SimilarityStage
 from .tokenize import encode_doc, pack_docs, tokenizer_for, train_tokenizer
 
+# Internal state; "_" so readers that glob DIR for samples (and pyarrow datasets) skip it.
+STATE = "_state"
 HASHES_SCHEMA = pa.schema([("sha256", pa.string()), ("phash", pa.string())])
 
 
@@ -154,10 +157,17 @@ def _ray_init(address: str | None) -> None:
     ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
 
 
-def _data_context(cfg: CurateConfig) -> None:
+@contextlib.contextmanager
+def _data_context(cfg: CurateConfig):
+    """Job-local Ray Data settings, restored afterwards (the demo trains in the same process)."""
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
     ctx.enable_progress_bars = cfg.progress and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
     ctx.execution_options.preserve_order = True  # deterministic dedup "first occurrence" and files
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved
 
 
 def _cluster_gpus() -> float:
@@ -169,23 +179,27 @@ def _clean_orphans(out: Path, manifest: dict) -> None:
     for tmp in out.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     listed = set(manifest["outputs"]["files"]) | set(manifest["rejected"]["files"])
-    for sub in ("samples", "rejected", "state"):
+    for sub in ("samples", "rejected", STATE):
         for f in (out / sub).glob("*.parquet") if (out / sub).exists() else []:
             rel = f"{sub}/{f.name}"
-            if sub != "state" and rel not in listed:
+            if sub != STATE and rel not in listed:
                 f.unlink()
-            if sub == "state" and f.stem.split("-")[-1] not in {g["id"] for g in manifest["groups"]}:
+            if sub == STATE and f.stem.split("-")[-1] not in {g["id"] for g in manifest["groups"]}:
                 f.unlink()
 
 
 def _check_resume(manifest: dict, cfg: CurateConfig) -> None:
+    """Samples of a resumed run must match the published ones: same layout, packing, schema."""
     old = manifest.get("config", {})
     now = to_dict(cfg)
-    for key in ("model", "model_overrides", "tokenize", "crawl"):
-        if key in old and old[key] != now[key] and key != "crawl":
+    pinned = {"model": (old.get("model"), now["model"]),
+              "model_overrides": (old.get("model_overrides"), now["model_overrides"]),
+              "tokenize.packing": (old.get("tokenize", {}).get("packing"), now["tokenize"]["packing"])}
+    for key, (was, is_now) in pinned.items():
+        if was is not None and was != is_now:
             raise CurateError(
-                f"output folder was curated with a different {key!r} config ({old[key]} vs {now[key]}); "
-                "samples would not match: use a new --output folder or the original config"
+                f"output folder was curated with {key}={was!r}, this run asks for {is_now!r}; the new "
+                "samples would not match the published ones: use a new --output folder or the original config"
             )
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise CurateError(f"output folder holds schema version {manifest.get('schema_version')}, this code "
@@ -234,10 +248,9 @@ def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = 
         mf.save(out, manifest)
         return manifest
     _ray_init(address)
-    _data_context(cfg)
-    for start in range(0, len(pending), cfg.shards_per_commit):
-        group = pending[start:start + cfg.shards_per_commit]
-        _run_group(group, out, cfg, manifest)
+    with _data_context(cfg):
+        for start in range(0, len(pending), cfg.shards_per_commit):
+            _run_group(pending[start:start + cfg.shards_per_commit], out, cfg, manifest)
     return manifest
 
 
@@ -342,7 +355,7 @@ def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -
     stages = mf.stage_counts(doc_acct, img_acct, written=(n_docs, n_images))
     (out / "samples").mkdir(exist_ok=True)
     (out / "rejected").mkdir(exist_ok=True)
-    (out / "state").mkdir(exist_ok=True)
+    (out / STATE).mkdir(exist_ok=True)
     files = []
     for i, f in enumerate(written_files):
         rel = f"samples/part-{gid}-{i:05d}.parquet"
@@ -350,7 +363,7 @@ def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -
         files.append(rel)
     rej_rel = f"rejected/rejected-{gid}.parquet"
     os.replace(rej_tmp, out / rej_rel)
-    os.replace(tmp / "hashes.parquet", out / "state" / f"hashes-{gid}.parquet")
+    os.replace(tmp / "hashes.parquet", out / STATE / f"hashes-{gid}.parquet")
     shutil.rmtree(tmp, ignore_errors=True)
 
     manifest["stages"] = mf.merge_stages(manifest["stages"], stages)
@@ -393,7 +406,7 @@ def _write_hashes(encoded: Any, path: Path) -> None:
 
 
 def _seen_hashes(out: Path) -> pa.Table:
-    files = sorted((out / "state").glob("hashes-*.parquet")) if (out / "state").exists() else []
+    files = sorted((out / STATE).glob("hashes-*.parquet")) if (out / STATE).exists() else []
     if not files:
         return HASHES_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(f).cast(HASHES_SCHEMA) for f in files])
