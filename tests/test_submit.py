@@ -167,7 +167,7 @@ def _stop_head(pgid: int) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(tree, timeout=15)
+    _, alive = psutil.wait_procs(tree, timeout=5)  # some daemons ignore SIGTERM: kill after 5 s
     for p in alive:
         try:
             p.kill()
