@@ -116,13 +116,14 @@ def test_every_case_ends_in_its_reason_and_reruns_resume(ray_session, tmp_path):
         shard2 = write_jsonl(tmp_path / "in" / "s2.jsonl", [mmc4_doc("http://ex.com/2", [f"{srv2.base}/img/e.png"])])
         from dreamcore.cli import main
 
-        rc = main(["curate", str(shard1), str(shard2), "--output", str(out), "--preset", "embedded",
+        shard2_uri = f"file://{shard2}"  # a URI goes through the same pyarrow filesystem path as s3://
+        rc = main(["curate", str(shard1), shard2_uri, "--output", str(out), "--preset", "embedded",
                    "--set", "crawl.timeout_s=1.0", "--set", "crawl.retries=1", "--set", "crawl.backoff_s=0.05",
                    "--set", "progress=false"])
     assert rc == 0
     final = mf.load(out)
     _assert_manifest(final)
-    assert final["shards"]["done"] == sorted([str(shard1), str(shard2)])
+    assert final["shards"]["done"] == sorted([str(shard1), shard2_uri])
     assert final["stages"]["read"]["in"]["documents"] == 9 and len(final["groups"]) == 2
     assert final["stages"]["write"]["out"]["images"] == 11
     assert len(final["rejected"]["files"]) == 2

@@ -75,6 +75,7 @@ def test_expand_inputs_accepts_files_folders_globs_and_names_bad_ones(tmp_path):
         (tmp_path / "d" / name).write_text("")
     assert [p.rsplit("/", 1)[1] for p in expand_inputs([str(tmp_path / "d")])] == ["a.jsonl", "b.jsonl.gz"]
     assert len(expand_inputs([str(tmp_path / "d" / "*.jsonl")])) == 1
+    assert expand_inputs([f"file://{tmp_path}/d/a.jsonl"]) == [f"file://{tmp_path}/d/a.jsonl"]
     with pytest.raises(InputError, match="does not exist"):
         expand_inputs([str(tmp_path / "nope.jsonl")])
     with pytest.raises(InputError, match="accepted suffixes"):
