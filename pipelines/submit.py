@@ -94,7 +94,8 @@ class JobSpec:
 def project_root() -> Path:
     """The checkout that holds this package: the default working_dir."""
     root = Path(__file__).resolve().parents[1]
-    if not (root / "dreamcore" / "cli.py").exists():
+    # An installed package sits in site-packages: uploading that would ship the whole environment.
+    if not ((root / "dreamcore" / "cli.py").exists() and (root / "pyproject.toml").exists()):
         raise SubmitError(
             f"{root} is not a dreamcore checkout; pass --working-dir PATH to a checkout, "
             "or --no-working-dir when the image already contains dreamcore"

@@ -77,6 +77,16 @@ def test_image_and_no_working_dir():
     assert spec.stage_args == ["--checkpoint", "/m"]
 
 
+def test_an_installed_package_is_not_uploaded_as_working_dir(monkeypatch, tmp_path):
+    fake = tmp_path / "site-packages" / "pipelines" / "submit.py"
+    fake.parent.mkdir(parents=True)
+    (tmp_path / "site-packages" / "dreamcore").mkdir()
+    (tmp_path / "site-packages" / "dreamcore" / "cli.py").write_text("")
+    monkeypatch.setattr(submit, "__file__", str(fake))
+    with pytest.raises(submit.SubmitError, match="--no-working-dir"):
+        submit.project_root()
+
+
 @pytest.mark.parametrize("address,fix", [
     (None, "--address http://HEAD:8265"),
     ("ray://h:10001", "not a dashboard URL"),
