@@ -1,13 +1,13 @@
 """`dreamcore submit`: run a stage on a Ray cluster as a job, through Ray's Job Submission SDK.
 
-    dreamcore submit curate INPUT... --output s3://bucket/data --address http://HEAD:8265
-    dreamcore submit train --data s3://bucket/data --output s3://bucket/runs/r1 --gpu --address ...
-    dreamcore submit serve --checkpoint s3://bucket/runs/r1/model --address ...
+    dreamcore submit curate s3://raw/*.jsonl.gz --output /mnt/dreamcore/data/d1 --address http://HEAD:8265
+    dreamcore submit train --data /mnt/dreamcore/data/d1 --output /mnt/dreamcore/runs/r1 --gpu --address ...
+    dreamcore submit serve --checkpoint /mnt/dreamcore/runs/r1/model --no-wait --address ...
     dreamcore submit status|logs|stop JOB_ID --address ...
 
 Why jobs and not `ray.init("ray://...")`: a job's driver runs on the cluster, so a laptop that goes to
 sleep does not kill a day of curation, and only the dashboard port (8265, tunnelled, never public)
-is needed. The entrypoint is the project's own CLI (`python -m dreamcore.cli STAGE ARGS`), so a
+is needed. Paths are the cluster's (a volume every node mounts, docs/operations.md). The entrypoint is the project's own CLI (`python -m dreamcore.cli STAGE ARGS`), so a
 stage behaves the same on a laptop and on a cluster. Code travels as the runtime_env working_dir
 (this checkout, minus virtualenvs and outputs) unless it is baked into the image (`--no-working-dir`).
 
