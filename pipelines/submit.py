@@ -5,11 +5,12 @@
     dreamcore submit serve --checkpoint /mnt/dreamcore/runs/r1/model --no-wait --address ...
     dreamcore submit status|logs|stop JOB_ID --address ...
 
-Why jobs and not `ray.init("ray://...")`: a job's driver runs on the cluster, so a laptop that goes to
-sleep does not kill a day of curation, and only the dashboard port (8265, tunnelled, never public)
-is needed. Paths are the cluster's (a volume every node mounts, docs/operations.md). The entrypoint is the project's own CLI (`python -m dreamcore.cli STAGE ARGS`), so a
-stage behaves the same on a laptop and on a cluster. Code travels as the runtime_env working_dir
-(this checkout, minus virtualenvs and outputs) unless it is baked into the image (`--no-working-dir`).
+Why jobs and not `ray.init("ray://...")`: a job's driver runs on the cluster, so a laptop that goes
+to sleep does not kill a day of curation, and only the dashboard port (8265, tunnelled, never
+public) is needed. Paths are the cluster's (a volume every node mounts, docs/operations.md). The
+entrypoint is the project's own CLI (`python -m dreamcore.cli STAGE ARGS`), so a stage behaves the
+same on a laptop and on a cluster. Code travels as the runtime_env working_dir (this checkout,
+minus virtualenvs and outputs) unless it is baked into the image (`--no-working-dir`).
 
 Everything after the stage name that is not a submit option (below) is passed to the stage verbatim;
 put `--` before stage arguments that would clash.
