@@ -140,6 +140,16 @@ def from_pretrained(
         directory / TOKENIZER_DIR, cfg.vision.num_tokens, cfg.dream.num_queries
     )
     arch = meta["architectures"]
+    with _skip_random_init():  # every weight is overwritten below; a 7B random init costs minutes
+        model = _build_skeleton(cfg, tokenizer, arch, components)
+    for name in components:
+        _load_into(model, name, files[name])
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval(), tokenizer
+
+
+def _build_skeleton(cfg: ModelConfig, tokenizer: Any, arch: dict[str, Any], components: tuple[str, ...]) -> DreamLLM:
+    """The modules of a checkpoint, built from its saved architecture configs (weights not loaded)."""
     modules: dict[str, nn.Module] = {}
     if "llm" in components:
         llm_conf = AutoConfig.for_model(arch["llm"]["model_type"], **_without(arch["llm"], "model_type"))
@@ -150,11 +160,16 @@ def from_pretrained(
         unet = UNet2DConditionModel.from_config(arch["unet"])
         vae = AutoencoderKL.from_config(arch["vae"]) if arch.get("vae") else None
         modules["decoder"] = DiffusionDecoder(cfg.decoder, unet, vae, arch["scheduler"])
-    model = DreamLLM(cfg, tokenizer, components=components, modules=modules)
-    for name in components:
-        _load_into(model, name, files[name])
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return model.eval(), tokenizer
+    return DreamLLM(cfg, tokenizer, components=components, modules=modules)
+
+
+def _skip_random_init() -> Any:
+    """transformers' context that turns torch.nn.init (and HF init_weights) into no-ops."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _load_into(model: DreamLLM, name: str, path: Path) -> None:
