@@ -13,6 +13,7 @@ import pytest
 from _curate_helpers import CaseServer, bomb_png, image_bytes, mmc4_doc, write_jsonl
 
 from dreamcore.config import ConfigError, load_config
+from dreamcore.schema import SAMPLE_SCHEMA
 from pipelines.curate import manifest as mf
 from pipelines.curate.config import CrawlConfig, CurateConfig, FilterConfig, embedded
 from pipelines.curate.crawl import Crawler, Refused, check_address, robots_opt_out, sniff, truncated
@@ -251,3 +252,36 @@ def test_config_overrides_and_errors(tmp_path):
 def test_write_jsonl_helper_roundtrip(tmp_path):
     p = write_jsonl(tmp_path / "x.jsonl", [mmc4_doc("u", ["http://x/1"])], ["{bad"])
     assert [r["reason"] for r in parse_shard(p.read_bytes(), str(p))] == ["", "malformed_json"]
+
+
+# ---------------------------------------------------------------------------------------------- tokenize
+
+
+def test_encode_and_pack_drop_what_does_not_fit_with_reasons(tmp_path):
+    from pipelines.curate.readers import empty_image
+    from pipelines.curate.tokenize import encode_doc, pack_docs, tokenizer_for, train_tokenizer
+
+    cfg = CurateConfig(model_overrides={"max_seq_len": 96})  # room for 2 image blocks of 28 tokens
+    mcfg = cfg.model_config()
+    train_tokenizer(["a red circle and a blue square"] * 20, mcfg, str(tmp_path / "tok"))
+    tok = tokenizer_for(str(tmp_path / "tok"), mcfg)
+
+    def doc(doc_id, n_images, texts):
+        images = [dict(empty_image(f"http://x/{i}", i % len(texts)), data=image_bytes("PNG", (32, 32), i))
+                  for i in range(n_images)]
+        return {"doc_id": doc_id, "texts": texts, "drop_stage": "", "reason": "", "error": "",
+                "images": images}
+
+    many = encode_doc(tok, doc("many", 4, ["one", "two", "three", "four"]), mcfg)
+    assert [im["reason"] for im in many["images"]].count("truncated") >= 2
+    assert len(many["enc_input_ids"]) <= 96 and len(many["enc_images"]) == len(many["enc_image_slots"])
+    empty = encode_doc(tok, doc("empty", 0, [""]), mcfg)
+    assert empty["reason"] == "empty_document"
+    small = encode_doc(tok, doc("small", 1, ["a red circle"]), mcfg)
+    samples = pack_docs(tok, [many, empty, small], mcfg, packing=True)
+    assert sorted(d for s in samples for d in s["doc_ids"]) == ["many", "small"]
+    for s in samples:
+        assert len(s["input_ids"]) == 96 and len(s["images"]) == len(s["image_slots"])
+        for png, slot in zip(s["images"], s["image_slots"]):
+            assert png[:4] == b"\x89PNG" and s["input_ids"][slot] == tok.im_patch_id
+    pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)  # the rows fit the published schema
