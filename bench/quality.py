@@ -89,7 +89,7 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
           f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable); "
           f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M", flush=True)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, recipe.beta2), weight_decay=recipe.weight_decay)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_rows)
     cursor, step, history = 0, 0, []

@@ -538,6 +538,7 @@ class TinyRecipe:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decay to lr * this at max_steps
     weight_decay: float = 0.0
+    beta2: float = 0.95  # AdamW betas (0.9, beta2), as pipelines.train's OptimConfig
     batch_size: int = 8  # packed rows per step
     max_steps: int = 2000
     max_minutes: float = 10.0  # issue 5's training budget on the 2-core machine
@@ -550,7 +551,7 @@ class TinyRecipe:
         return [
             f"optim.lr={self.lr}", f"optim.warmup_steps={self.warmup_steps}",
             f"optim.min_lr_ratio={self.min_lr_ratio}", f"optim.weight_decay={self.weight_decay}",
-            f"optim.grad_clip={self.grad_clip}", f"micro_batch_size={self.batch_size}",
+            f"optim.grad_clip={self.grad_clip}", f"optim.beta2={self.beta2}", f"micro_batch_size={self.batch_size}",
             f"max_steps={self.max_steps}", f"max_minutes={self.max_minutes}",
         ]
 
