@@ -67,6 +67,7 @@ class ScalingSettings:
     gpu: bool = False
     cpus_per_worker: float = 0.5
     max_failures: int = 2  # worker failures Ray Train recovers from (from the last checkpoint)
+    torch_threads: int = 0  # >0: torch intra-op threads per worker; 0 = what Ray gives (OMP_NUM_THREADS)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TrainConfig:
             (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
             (self.scaling.workers >= 0, "scaling.workers must be >= 0"),
             (self.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker must be > 0"),
+            (self.scaling.torch_threads >= 0, "scaling.torch_threads must be >= 0"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
             (self.model.stage in STAGES, f"model.stage must be one of {', '.join(STAGES)}"),

@@ -41,7 +41,18 @@ def parquet_files(data_dir: str | Path) -> list[Path]:
     root = Path(data_dir)
     if not root.is_dir():
         raise ConfigError(f"--data {root}: no such folder; point it at the output folder of `dreamcore curate`")
-    files = sorted(p for p in root.rglob("*.parquet") if not any(s.startswith((".", "_")) for s in p.relative_to(root).parts))
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        # The manifest lists exactly the published sample shards (never rejected/ or temp files).
+        listed = json.loads(manifest.read_text()).get("outputs", {}).get("files", [])
+        files = sorted(root / f for f in listed)
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ConfigError(f"--data {root}: manifest.json lists shards that are missing: {absent[:3]}; "
+                              "re-run `dreamcore curate` into the same folder to repair it")
+    else:
+        files = sorted(p for p in root.rglob("*.parquet")
+                       if not any(s.startswith((".", "_")) or s == "rejected" for s in p.relative_to(root).parts))
     if not files:
         raise ConfigError(
             f"--data {root}: no .parquet shards found; run `dreamcore curate --output {root}` first"
@@ -92,6 +103,9 @@ def build_dataset(files: list[Path], model: ModelConfig, decode_batch_rows: int)
     import ray.data
 
     ds = ray.data.read_parquet([str(f) for f in files], columns=SAMPLE_SCHEMA.names)
+    # The data position of a checkpoint must mean the same rows on resume (also in local mode,
+    # where the dataset is iterated directly instead of through Ray Train's DataConfig).
+    ds.context.execution_options.preserve_order = True
     return ds.map_batches(
         decode_rows,
         fn_kwargs={"cfg": model},

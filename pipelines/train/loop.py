@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,21 +158,30 @@ def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, rank: int) -> TrainerState | None:
-    """Resume from Ray Train's latest checkpoint of this run, if there is one."""
+def read_state(rank: int) -> tuple[TrainerState | None, Any]:
+    """The trainer state of Ray Train's latest checkpoint of this run (None, None: fresh start).
+
+    Read before the engine exists, so the data stream can start at the right position while the
+    model is being built; the checkpoint itself is returned for `restore_engine`.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
+        return None, None
+    with checkpoint.as_directory() as d:
+        state = TrainerState(**json.loads((Path(d) / STATE_FILE).read_text()))
+    return state, checkpoint
+
+
+def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
+    """Model, optimizer and LR scheduler from DeepSpeed's files; this rank's RNG state."""
     with checkpoint.as_directory() as d:
         d = Path(d)
         engine.load_checkpoint(str(d), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = TrainerState(**json.loads((d / STATE_FILE).read_text()))
         rng_file = d / f"rng_rank{rank}.pt"
         if rng_file.exists():  # absent if the world size grew: those ranks start a fresh stream
             torch.set_rng_state(torch.load(rng_file)["torch"])
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +219,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # 1. Process group + device
     own_group = _init_process_group(cfg.scaling.gpu)
     device = _device(cfg.scaling.gpu)
+    threads_before = torch.get_num_threads()
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+
+    # Start the data stream first: Ray Data's first batch (task start-up, PNG decode) arrives
+    # while the model and the engine are being built instead of after.
+    state, checkpoint = read_state(rank)
+    state = state or TrainerState()
+    position = DataPosition(**state.positions.get(str(rank), {}))
+    batches = iterate_batches(
+        ray.train.get_dataset_shard("train"), cfg.micro_batch_size, position, cfg.seed, rank,
+        cfg.data.shuffle_buffer, cfg.data.prefetch_batches,
+    )
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
+    first_batch = prefetch.submit(next, batches)
 
     # 2. Tokenizer + model, stage freezing
     tokenizer = DreamTokenizer.from_pretrained(data_dir / "tokenizer")
@@ -229,15 +254,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             f"ZeRO-{cfg.deepspeed.zero_stage}, stage {cfg.model.stage}: {sum(p.numel() for p in params):,} of "
             f"{n_all:,} parameters train; global batch {cfg.global_batch_size(world)}")
 
-    # 4. Resume
-    state = load_checkpoint(engine, rank) or TrainerState()
-    position = DataPosition(**state.positions.get(str(rank), {}))
-    if rank == 0 and state.step:
-        say(f"[train] resumed at step {state.step} (epoch {position.epoch}, batch {position.batches_done})")
-    batches = iterate_batches(
-        ray.train.get_dataset_shard("train"), cfg.micro_batch_size, position, cfg.seed, rank,
-        cfg.data.shuffle_buffer, cfg.data.prefetch_batches,
-    )
+    # 4. Resume (the data position was applied above, before the stream started)
+    if checkpoint is not None:
+        restore_engine(engine, checkpoint, rank)
+        if rank == 0:
+            say(f"[train] resumed at step {state.step} (epoch {position.epoch}, "
+                f"batch {position.batches_done})")
+    pending = [first_batch.result()]
+    prefetch.shutdown()
 
     # 5. Steps
     writer = MetricsWriter(run_dir) if rank == 0 else None
@@ -253,7 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     stop = False
     while state.step < cfg.max_steps and not stop:
         for _ in range(cfg.grad_accum):
-            batch = to_torch(next(batches), device)
+            batch = to_torch(pending.pop() if pending else next(batches), device)
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
@@ -319,6 +343,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     export_model(engine, tokenizer, cfg, run_dir / "model", rank)
     if own_group:
         dist.destroy_process_group()
+        torch.set_num_threads(threads_before)  # local mode ran in the caller's process
     return {"step": state.step, "export": str(run_dir / "model")}
 
 
