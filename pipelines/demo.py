@@ -30,7 +30,8 @@ DEMO_PROMPTS = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="demo-output", help="folder for data, run, report (default: demo-output)")
-    p.add_argument("--docs", type=int, default=400, help="synthetic documents to curate (default: 400)")
+    p.add_argument("--docs", type=int, default=None,
+                   help="synthetic documents to curate (default: the tiny recipe's corpus size)")
     p.add_argument("--train-minutes", type=float, default=10.0,
                    help="training time budget in minutes (default: 10; the run stops and exports then)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1)")
@@ -52,21 +53,23 @@ def _step(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(output: str | Path, docs: int = 400, train_minutes: float = 10.0, workers: int = 1,
+def run_demo(output: str | Path, docs: int | None = None, train_minutes: float = 10.0, workers: int = 1,
              quick: bool = False, seed: int = 0, overrides: list[str] | None = None) -> Path:
     """Run every stage; returns the path of report.html."""
     import ray
 
     from dreamcore import synthetic
+    from dreamcore.checkpoint import from_pretrained
     from pipelines.curate.config import embedded
     from pipelines.curate.job import curate
     from pipelines.serve.app import shutdown, start_local
-    from pipelines.train.config import load_train_config
+    from pipelines.train.config import load_train_config, recipe_overrides
     from pipelines.train.job import train
 
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    docs = docs or synthetic.TINY_RECIPE.num_docs
     if quick:
         docs = min(docs, 24)
 
@@ -92,7 +95,7 @@ def run_demo(output: str | Path, docs: int = 400, train_minutes: float = 10.0, w
 
     # 3. Train the tiny preset on Ray Train + DeepSpeed (CPU workers), export the model.
     t0 = _step(3, f"train (Ray Train + DeepSpeed, {workers} CPU worker(s), <= {train_minutes} min)")
-    recipe = [f"{k}={v}" for k, v in synthetic.TINY_RECIPE.items()]
+    recipe = recipe_overrides(synthetic.TINY_RECIPE, workers)
     budget = ["max_steps=20", "checkpoint.every_steps=10", "log_every=5"] if quick else [
         f"max_minutes={train_minutes}"]
     cfg = load_train_config("tiny", overrides=[*recipe, *budget, *(overrides or [])], workers=workers)
@@ -102,11 +105,19 @@ def run_demo(output: str | Path, docs: int = 400, train_minutes: float = 10.0, w
 
     # 4. Score the exported model on held-out prompts and images (dreamcore.synthetic's scorer).
     t0 = _step(4, "quality on held-out prompts and images")
-    quality = synthetic.evaluate_checkpoint(result.export_dir, num_prompts=12 if quick else 60,
-                                            num_images=12 if quick else 60, seed=seed + 1)
+    model, tokenizer = from_pretrained(result.export_dir)
+    scores = synthetic.evaluate(model, tokenizer, num_prompts=12 if quick else len(synthetic.HELDOUT),
+                                num_images=12 if quick else len(synthetic.HELDOUT), seed=seed + 1)
+    del model
     timings["quality_s"] = time.perf_counter() - t0
-    for k, v in quality.items():
-        print(f"   {k}: {v}")
+    for line in scores.lines():
+        print(f"   {line}")
+    quality = {
+        "text->image colour": f"{scores.image_colour_acc:.1%} (chance {scores.chance_colour:.1%})",
+        "text->image shape": f"{scores.image_shape_acc:.1%} (chance {scores.chance_shape:.1%})",
+        "image->text colour and shape": f"{scores.caption_acc:.1%} (chance {scores.chance_caption:.1%})",
+        "held-out prompts / images": f"{scores.num_prompts} / {scores.num_images}",
+    }
 
     # 5. Serve on Ray Serve and ask for interleaved documents over HTTP.
     t0 = _step(5, "serve (Ray Serve: LLMServer + ImageDecoder + Ingress) and request documents")
