@@ -188,7 +188,10 @@ def _stop_head(pgid: int) -> None:
 @contextlib.contextmanager
 def local_head(**env: str) -> Iterator[str]:
     """A Ray head of its own (dashboard = Jobs API on 127.0.0.1); yields the dashboard URL."""
-    temp = tempfile.mkdtemp(prefix="dch", dir="/tmp")  # short: Unix socket paths are capped at 107
+    # Short: Unix socket paths are capped at 107 bytes. Private: `ray start` writes the head's address
+    # file (ray_current_cluster) there, not in /tmp/ray, so no other process's `ray.init()` attaches
+    # to this head; free ports keep it off the other engineers' and the session's Ray.
+    temp = tempfile.mkdtemp(prefix="dch", dir="/tmp")
     (gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr) = _free_ports(9)
     cmd = [
         str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
