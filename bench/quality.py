@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the figures here")
-    p.add_argument("--speed-only", action="store_true", help="time 20 steps and stop (no evaluation)")
+    p.add_argument("--speed-only", action="store_true", help="time 25 steps and stop (no evaluation)")
+    p.add_argument("--save", type=Path, help="save the trained model here (checkpoint.save_pretrained)")
+    p.add_argument("--load", type=Path, help="skip training: evaluate a saved model (e.g. other --guidance)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -155,8 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recipe: {dataclasses.asdict(recipe)}")
     print(f"overrides: {args.overrides or 'none'} (threads {args.threads})", flush=True)
 
-    model, tokenizer, stats = train(cfg, recipe, log_every=5 if args.speed_only else 50, seed=args.seed)
-    print(f"trained: {stats}", flush=True)
+    if args.load:
+        from dreamcore.checkpoint import from_pretrained
+
+        model, tokenizer = from_pretrained(args.load)
+        stats = {"loaded": str(args.load)}
+    else:
+        model, tokenizer, stats = train(cfg, recipe, log_every=5 if args.speed_only else 50, seed=args.seed)
+        print(f"trained: {stats}", flush=True)
+    if args.save:
+        from dreamcore.checkpoint import save_pretrained
+
+        save_pretrained(model, tokenizer, args.save)
     if args.speed_only:
         return 0
     t = time.time()
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  example:", s)
     if args.json:
         args.json.write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "overrides": args.overrides,
-                                         "model": to_dict(cfg), "train": stats,
+                                         "model": to_dict(model.cfg), "train": stats,
                                          "eval": dataclasses.asdict(report)}, indent=2))
     return 0
 
