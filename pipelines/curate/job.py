@@ -261,42 +261,56 @@ def _timed(durations: dict, key: str, t0: float) -> float:
 
 
 def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -> None:
-    mcfg = cfg.model_config()
+    """One shard group, start to publish; `manifest` is updated and saved only at the end."""
     gid = f"g{len(manifest['groups']):04d}"
     tmp = out / f".tmp-{gid}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
     durations: dict[str, float] = {}
     t = time.perf_counter()
+    docs = _read_crawl_filter(group, cfg)
+    t = _timed(durations, "read+crawl+filter", t)
+    docs = _dedup_similarity_documents(docs, out, cfg)
+    t = _timed(durations, "dedup+similarity+documents", t)
+    encoded = _tokenize_and_write(docs, out, cfg, manifest, tmp / "samples")
+    t = _timed(durations, "tokenize", t)
+    acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
+    acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
+    pq.write_table(acct.filter(pa.compute.not_equal(acct["stage"], "")), tmp / "rejected.parquet")
+    _write_hashes(encoded, tmp / "hashes.parquet")
+    _timed(durations, "write", t)
+    _publish(group, gid, tmp, out, acct, manifest, durations)
 
-    # 1-3. read -> crawl -> filter (streamed), materialized for the two dedup passes.
+
+def _read_crawl_filter(group: list[str], cfg: CurateConfig) -> ray.data.Dataset:
+    """Steps 1-3, streamed, then materialized: dedup needs two passes over the crawled rows."""
     ds = ray.data.read_binary_files(group, include_paths=True, override_num_blocks=len(group))
     ds = ds.map_batches(read_udf, batch_size=1, batch_format="pyarrow").materialize()
     # One shard is one block: split it so crawl tasks run side by side (a block's batches run in
     # sequence, so one slow host would otherwise stall the whole shard).
-    n_docs = ds.count()
-    ds = ds.repartition(max(1, -(-n_docs // cfg.crawl.batch_size)))
-    crawl_json = json.dumps(to_dict(cfg.crawl))
-    docs = ds.map_batches(
+    ds = ds.repartition(max(1, -(-ds.count() // cfg.crawl.batch_size)))
+    return ds.map_batches(
         crawl_filter_udf, batch_size=cfg.crawl.batch_size, batch_format="pyarrow",
-        fn_kwargs={"crawl_json": crawl_json, "image_size": cfg.image_size(), "filter_cfg": cfg.filter},
+        fn_kwargs={"crawl_json": json.dumps(to_dict(cfg.crawl)), "image_size": cfg.image_size(),
+                   "filter_cfg": cfg.filter},
         num_cpus=cfg.crawl.num_cpus,
     ).materialize()
-    t = _timed(durations, "read+crawl+filter", t)
 
-    # 4. dedup: hashes to the driver (no image bytes), plan, apply.
-    keys = docs.map_batches(hash_keys_udf, batch_format="pyarrow").to_arrow_refs()
-    keys = pa.concat_tables(ray.get(keys)) if keys else None
+
+def _dedup_similarity_documents(docs: ray.data.Dataset, out: Path, cfg: CurateConfig) -> ray.data.Dataset:
+    """Steps 4-6. Dedup is planned on the driver from hashes only (no image bytes move)."""
+    refs = docs.map_batches(hash_keys_udf, batch_format="pyarrow").to_arrow_refs()
+    keys = pa.concat_tables(ray.get(refs)) if refs else None
+    records = list(zip(*(keys.column(c).to_pylist() for c in ("doc_id", "index", "sha256", "phash")))) \
+        if keys is not None else []
     seen = _seen_hashes(out)
     rules = DedupRules(cfg.filter.dedup_exact, cfg.filter.near_duplicate_distance,
                        cfg.filter.max_documents_per_image)
-    records = list(zip(*(keys.column(c).to_pylist() for c in ("doc_id", "index", "sha256", "phash")))) \
-        if keys is not None else []
     plan = rules.plan(records, set(seen.column("sha256").to_pylist()),
                       [int(h, 16) for h in seen.column("phash").to_pylist() if h])
     docs = docs.map_batches(dedup_udf, batch_format="pyarrow", fn_kwargs={"plan_ref": ray.put(plan)})
 
-    # 5-6. similarity + document rules (CLIP actors when a model is configured).
     sim = cfg.similarity
-    if sim.model:
+    if sim.model:  # CLIP on actors: one model load per actor, a GPU each when the cluster has any
         gpus = sim.num_gpus if sim.num_gpus >= 0 else (1.0 if _cluster_gpus() > 0 else 0.0)
         docs = docs.map_batches(
             SimilarityUDF, batch_size=sim.batch_size, batch_format="pyarrow",
@@ -307,62 +321,53 @@ def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -
     else:
         docs = docs.map_batches(similarity_udf, batch_format="pyarrow",
                                 fn_kwargs={"sim_cfg": sim, "filter_cfg": cfg.filter})
-    docs = docs.materialize()
-    t = _timed(durations, "dedup+similarity+documents", t)
+    return docs.materialize()
 
-    # 7. tokenizer (trained on the first group's kept text when none is configured), encode.
+
+def _tokenize_and_write(docs: ray.data.Dataset, out: Path, cfg: CurateConfig, manifest: dict,
+                        samples_dir: Path) -> ray.data.Dataset:
+    """Step 7-8: tokenizer (trained on kept text when none is configured), encode, pack, write
+    Parquet under `samples_dir` (a temp folder). Returns the encoded rows (accounting source)."""
+    mcfg = cfg.model_config()
+    kept = docs.filter(lambda r: not r["drop_stage"])
+    if kept.count() == 0:
+        return docs  # nothing to tokenize: the accounting (everything dropped) is still published
+
     def kept_texts() -> list[str]:
-        sample = docs.filter(lambda r: not r["drop_stage"]).limit(cfg.tokenize.tokenizer_sample_docs)
-        return [" ".join(r["texts"]) for r in sample.select_columns(["texts"]).take_all()]
+        sample = kept.limit(cfg.tokenize.tokenizer_sample_docs).select_columns(["texts"])
+        return [" ".join(r["texts"]) for r in sample.take_all()]
 
-    samples_tmp = tmp / "samples"
-    n_kept = docs.filter(lambda r: not r["drop_stage"]).count()
-    if n_kept == 0:
-        # Nothing to tokenize: publish the accounting (everything dropped, with reasons), no samples.
-        encoded = docs
-    else:
-        tok = _prepare_tokenizer(out, cfg, kept_texts)
-        manifest["tokenizer_hash"] = tok.content_hash()
-        tok_path = str(out / "tokenizer")
-        encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
-                                   fn_kwargs={"tok_path": tok_path, "mcfg": mcfg}).materialize()
-        t = _timed(durations, "tokenize", t)
+    tok = _prepare_tokenizer(out, cfg, kept_texts)
+    manifest["tokenizer_hash"] = tok.content_hash()
+    tok_path = str(out / "tokenizer")
+    encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
+                               fn_kwargs={"tok_path": tok_path, "mcfg": mcfg}).materialize()
+    (
+        encoded.filter(lambda r: not r["drop_stage"])
+        .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
+                     fn_kwargs={"tok_path": tok_path, "mcfg": mcfg, "packing": cfg.tokenize.packing == "pack"})
+        .write_parquet(str(samples_dir), max_rows_per_file=cfg.tokenize.samples_per_file, schema=SAMPLE_SCHEMA)
+    )
+    return encoded
 
-        # 8. pack + write samples under the temp folder; rejected rows and hashes beside them.
-        (
-            encoded.filter(lambda r: not r["drop_stage"])
-            .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
-                         fn_kwargs={"tok_path": tok_path, "mcfg": mcfg,
-                                    "packing": cfg.tokenize.packing == "pack"})
-            .write_parquet(str(samples_tmp), max_rows_per_file=cfg.tokenize.samples_per_file,
-                           schema=SAMPLE_SCHEMA)
-        )
-    acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
-    acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
-    written_files = sorted(samples_tmp.glob("*.parquet")) if samples_tmp.exists() else []
-    n_samples, n_docs, n_images = _count_written(written_files)
-    rejected = acct.filter(pa.compute.not_equal(acct["stage"], ""))
-    rej_tmp = tmp / "rejected.parquet"
-    tmp.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rejected, rej_tmp)
-    _write_hashes(encoded, tmp / "hashes.parquet")
-    _timed(durations, "write", t)
 
-    # Publish: rename files, then the manifest (the commit point of the group).
-    stage_rows = acct.select(["image_index", "stage", "reason"]).to_pylist()
-    doc_acct = [(r["stage"], r["reason"]) for r in stage_rows if r["image_index"] == -1]
-    img_acct = [(r["stage"], r["reason"]) for r in stage_rows if r["image_index"] >= 0]
-    stages = mf.stage_counts(doc_acct, img_acct, written=(n_docs, n_images))
-    (out / "samples").mkdir(exist_ok=True)
-    (out / "rejected").mkdir(exist_ok=True)
-    (out / STATE).mkdir(exist_ok=True)
+def _publish(group: list[str], gid: str, tmp: Path, out: Path, acct: pa.Table, manifest: dict,
+             durations: dict[str, float]) -> None:
+    """Rename the group's files into place, then save the manifest: the group's commit point."""
+    written = sorted((tmp / "samples").glob("*.parquet")) if (tmp / "samples").exists() else []
+    n_samples, n_docs, n_images = _count_written(written)
+    rows = acct.select(["image_index", "stage", "reason"]).to_pylist()
+    stages = mf.stage_counts([(r["stage"], r["reason"]) for r in rows if r["image_index"] == -1],
+                             [(r["stage"], r["reason"]) for r in rows if r["image_index"] >= 0],
+                             written=(n_docs, n_images))
+    for sub in ("samples", "rejected", STATE):
+        (out / sub).mkdir(exist_ok=True)
     files = []
-    for i, f in enumerate(written_files):
-        rel = f"samples/part-{gid}-{i:05d}.parquet"
-        os.replace(f, out / rel)
-        files.append(rel)
+    for i, f in enumerate(written):
+        files.append(f"samples/part-{gid}-{i:05d}.parquet")
+        os.replace(f, out / files[-1])
     rej_rel = f"rejected/rejected-{gid}.parquet"
-    os.replace(rej_tmp, out / rej_rel)
+    os.replace(tmp / "rejected.parquet", out / rej_rel)
     os.replace(tmp / "hashes.parquet", out / STATE / f"hashes-{gid}.parquet")
     shutil.rmtree(tmp, ignore_errors=True)
 
