@@ -142,6 +142,10 @@ def test_bad_cli_input_is_one_clear_line(ray_session, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["curate", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "crawl.nope=1"]) == 2
     assert "crawl.nope" in capsys.readouterr().err
+    (tmp_path / "s.jsonl").write_text("")
+    assert main(["curate", str(tmp_path / "s.jsonl"), "--output", str(tmp_path / "o"),
+                 "--set", f"similarity.model={tmp_path / 'no-clip'}"]) == 2
+    assert "similarity.model" in capsys.readouterr().err
 
 
 def _real_docs(shared_dir: Path) -> list[dict]:

@@ -227,11 +227,28 @@ def _prepare_tokenizer(out: Path, cfg: CurateConfig, kept_texts: Any) -> DreamTo
     return tok
 
 
+def _check_models(cfg: CurateConfig) -> None:
+    """Fail before any Ray work when a configured model path cannot be loaded."""
+    model = cfg.similarity.model
+    if model and cfg.similarity.enabled:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise CurateError(
+                f"similarity.model={model!r} cannot be loaded ({str(e).splitlines()[0]}); give a CLIP folder "
+                "(config.json, weights, tokenizer, preprocessor_config.json) or a cached hub id, or unset it "
+                "to use the documents' own similarity_matrix"
+            ) from None
+
+
 def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = None,
            address: str | None = None) -> dict:
     """Curate `inputs` (shards, folders, globs, URIs) into `output`; returns the manifest."""
     cfg = config or CurateConfig()
     mcfg = cfg.model_config()
+    _check_models(cfg)
     shards = expand_inputs(list(inputs))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +354,10 @@ def _tokenize_and_write(docs: ray.data.Dataset, out: Path, cfg: CurateConfig, ma
         sample = kept.limit(cfg.tokenize.tokenizer_sample_docs).select_columns(["texts"])
         return [" ".join(r["texts"]) for r in sample.take_all()]
 
-    tok = _prepare_tokenizer(out, cfg, kept_texts)
+    try:
+        tok = _prepare_tokenizer(out, cfg, kept_texts)
+    except ValueError as e:  # the tokenizer module's messages name the path and the fix
+        raise CurateError(str(e)) from None
     manifest["tokenizer_hash"] = tok.content_hash()
     tok_path = str(out / "tokenizer")
     encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
