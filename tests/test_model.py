@@ -165,3 +165,22 @@ def test_decoder_only_model_refuses_training_forward():
     assert model.llm is None and model.decoder is not None
     with pytest.raises(RuntimeError, match="built without llm"):
         model(make_batch(cfg, tok, TEXT_ONLY))
+
+
+def test_lm_loss_equals_the_bare_llm_loss_on_text():
+    model, tok = tiny_model()
+    batch = make_batch(model.cfg, tok, TEXT_ONLY)
+    with torch.no_grad():
+        ours = model(batch)["lm_loss"]
+        ref = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, ref)
+
+
+def test_slot_contents_replace_placeholder_embeddings():
+    """Changing an image changes the LM loss of the text after it (its patches are read)."""
+    model, tok = tiny_model()
+    batch = make_batch(model.cfg, tok, INTERLEAVED)
+    other = dict(batch, images=255 - batch["images"])
+    with torch.no_grad():
+        assert model(batch)["lm_loss"] != model(other)["lm_loss"]
