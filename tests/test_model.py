@@ -37,6 +37,8 @@ def test_forward_gives_both_losses_and_every_trainable_part_gets_gradient():
     out["loss"].backward()
     for name, params in model.named_groups().items():
         assert _grad_norm(params) > 0, f"{name} got no gradient"
+    # Every trainable tensor is reached (DDP / DeepSpeed ZeRO wait for each one's gradient).
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_vm_loss_gradients_reach_the_llm_through_a_frozen_unet():
@@ -63,6 +65,7 @@ def test_batch_without_dream_blocks_has_an_exact_zero_vm_loss_that_still_reaches
               *model.decoder.unet.parameters()):
         assert p.grad is not None and p.grad.abs().sum() == 0
     assert _grad_norm(model.llm.parameters()) > 0
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_condition_drop_replaces_conditions_by_the_empty_prompt():
