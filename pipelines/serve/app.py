@@ -69,8 +69,14 @@ def app_from_config(cfg: ServeConfig) -> Application:
     return Ingress.options(**deployment_options("Ingress", cfg.ingress, r)).bind(llm, decoder, to_dict(cfg))
 
 
-def build_app(args: ServeArgs) -> Application:
-    """Typed Serve app builder (import path `pipelines.serve:build_app`)."""
+def build_app(args: ServeArgs | dict[str, Any]) -> Application:
+    """Typed Serve app builder (import path `pipelines.serve:build_app`).
+
+    Serve validates `args` against the annotation only when it can resolve it; with postponed
+    annotations it hands over the raw dict from the config file, so validate here either way.
+    """
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
     return app_from_config(serve_config(args))
 
 
