@@ -116,7 +116,9 @@ def main() -> int:
     torch.set_num_threads(1)  # what Ray gives a worker with 1 (or 0.5) CPU: OMP_NUM_THREADS=1
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
-        data = build_data(tmp / "data", cfg, num_docs=max(64, args.micro_batch * 16))
+        # Enough rows that the measured steps stay inside one epoch: an epoch boundary restarts Ray
+        # Data's streaming execution, a cost the in-memory baseline does not have.
+        data = build_data(tmp / "data", cfg, num_docs=max(256, 4 * args.steps * args.micro_batch))
         bare = bare_loop(cfg, data, args.micro_batch, args.steps, args.warmup, args.lr)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})

@@ -42,9 +42,10 @@ def parquet_files(data_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         raise ConfigError(f"--data {root}: no such folder; point it at the output folder of `dreamcore curate`")
     manifest = root / "manifest.json"
-    if manifest.is_file():
-        # The manifest lists exactly the published sample shards (never rejected/ or temp files).
-        listed = json.loads(manifest.read_text()).get("outputs", {}).get("files", [])
+    # The curation manifest lists exactly the published sample shards (never rejected/ or temp
+    # files); a folder without that list (hand-made, older) is globbed instead.
+    listed = json.loads(manifest.read_text()).get("outputs", {}).get("files", []) if manifest.is_file() else []
+    if listed:
         files = sorted(root / f for f in listed)
         absent = [str(f) for f in files if not f.is_file()]
         if absent:

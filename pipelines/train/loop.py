@@ -269,7 +269,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     n_llm = sum(p.numel() for p in model.llm.parameters()) if hasattr(model, "llm") else 0
     flops_tok = train_flops_per_token(n_llm, llm.num_layers, llm.hidden_size, cfg.model.max_seq_len)
     peak = peak_flops(torch.cuda.get_device_name(device), cfg.deepspeed.peak_tflops) if cfg.scaling.gpu else None
-    window = {"loss": 0.0, "lm": 0.0, "vm": 0.0, "tokens": 0.0, "images": 0.0, "samples": 0.0, "steps": 0}
+    window = torch.zeros(6, dtype=torch.float64, device=device)  # loss, lm, vm, tokens, images, samples
+    window_steps = 0
     t_window = time.perf_counter()
     t_attempt = time.perf_counter()
     elapsed_before = state.elapsed_s
@@ -281,14 +282,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
-            window["loss"] += float(out["loss"].detach()) / cfg.grad_accum
-            window["lm"] += float(out["lm_loss"].detach()) / cfg.grad_accum
-            window["vm"] += float(out["vm_loss"].detach()) / cfg.grad_accum
-            window["tokens"] += float(batch["attention_mask"].sum())
-            window["images"] += float(((batch["image_slots"] >= 0) | (batch["dream_slots"] >= 0)).sum())
-            window["samples"] += batch["input_ids"].shape[0]
+            # Summed on the device and read once per log interval: no GPU sync on every step.
+            window += torch.stack([
+                out["loss"].detach().float() / cfg.grad_accum,
+                out["lm_loss"].detach().float() / cfg.grad_accum,
+                out["vm_loss"].detach().float() / cfg.grad_accum,
+                batch["attention_mask"].sum().float(),
+                ((batch["image_slots"] >= 0) | (batch["dream_slots"] >= 0)).sum().float(),
+                torch.tensor(float(batch["input_ids"].shape[0]), device=device),
+            ])
         state.step += 1
-        window["steps"] += 1
+        window_steps += 1
         state.elapsed_s = elapsed_before + time.perf_counter() - t_attempt
         state.positions = {str(rank): position.to_dict()}
         if cfg.max_minutes > 0:
@@ -298,10 +302,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         if state.step % cfg.log_every == 0 or last:
             dt = time.perf_counter() - t_window
-            n = window["steps"]
+            n = window_steps
+            sums = window.tolist()
             loss, lm, vm, tokens, images, samples = _mean_over_ranks(
-                [window["loss"] / n, window["lm"] / n, window["vm"] / n,
-                 window["tokens"], window["images"], window["samples"]]
+                [sums[0] / n, sums[1] / n, sums[2] / n, sums[3], sums[4], sums[5]]
             )
             tok_s = tokens * world / dt
             metrics = {
@@ -317,7 +321,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 done_here = state.step - start_step
                 eta = (cfg.max_steps - state.step) * (time.perf_counter() - t_attempt) / max(1, done_here)
                 say(progress_line(metrics, cfg.max_steps, eta))
-            window = dict.fromkeys(window, 0.0) | {"steps": 0}
+            window.zero_()
+            window_steps = 0
 
         if state.step % cfg.checkpoint.every_steps == 0 or last:
             # Ray Train only keeps metrics of checkpointed reports: gather positions of all ranks.
