@@ -92,3 +92,21 @@ def test_resume_reproduces_the_uninterrupted_run(straight_run, data_dir, tmp_pat
     for ra, rb in zip(a, b):
         for key in ("loss", "lm_loss", "vm_loss", "lr"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+
+
+def test_next_stage_starts_from_previous_export(straight_run, data_dir, tmp_path):
+    """Stage I-creation from the export of a stage-II run: the LLM stays frozen, the queries train."""
+    import torch
+
+    from dreamcore.checkpoint import from_pretrained
+
+    run = tmp_path / "stage1"
+    cfg = _cfg("max_steps=2", "checkpoint.every_steps=2", f"init_from={straight_run / 'model'}",
+               "model.stage=I-creation", "scaling.torch_threads=1", workers=0)
+    train(cfg, data_dir, run)
+    before, _ = from_pretrained(straight_run / "model")
+    after, _ = from_pretrained(run / "model")
+    for (name, p0), p1 in zip(before.llm.named_parameters(), after.llm.parameters()):
+        assert torch.equal(p0, p1), f"llm.{name} changed although stage I-creation freezes the LLM"
+    assert not torch.equal(before.dream_queries, after.dream_queries)
+    assert after.cfg.stage == "I-creation"

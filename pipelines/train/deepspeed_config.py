@@ -39,7 +39,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                 "total_num_steps": cfg.max_steps,
                 "warmup_num_steps": max(1, o.warmup_steps),
                 "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
+                # Step 1 trains at lr / warmup_steps instead of 0 (see loop.py: the scheduler is
+                # advanced once at a fresh start, since DeepSpeed's starts before iteration 0).
+                "warmup_min_ratio": 1.0 / max(1, o.warmup_steps),
                 "cos_min_ratio": o.min_lr_ratio,
             },
         },

@@ -70,6 +70,7 @@ def _init_process_group(gpu: bool) -> bool:
     if dist.is_initialized():
         return False
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it; Ray Train sets it on workers
+    _forget_deepspeed_groups()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -77,6 +78,21 @@ def _init_process_group(gpu: bool) -> bool:
         backend="nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
     )
     return True
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop the process groups DeepSpeed cached in module globals during an earlier run.
+
+    Ray Train's local mode destroys the process group when a run ends; a second local-mode run in
+    the same process (tests, notebooks) would otherwise hand DeepSpeed's stale groups to the new one.
+    """
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.isupper() and name.endswith(("GROUP", "GROUPS", "RANKS")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def _device(gpu: bool) -> torch.device:
@@ -255,6 +271,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             f"{n_all:,} parameters train; global batch {cfg.global_batch_size(world)}")
 
     # 4. Resume (the data position was applied above, before the stream started)
+    if checkpoint is None and scheduler is not None:
+        # DeepSpeed's WarmupCosineLR sits at iteration -1 (lr 0) until its first step; without
+        # this the first optimizer step would be taken at lr 0 and wasted.
+        scheduler.step()
     if checkpoint is not None:
         restore_engine(engine, checkpoint, rank)
         if rank == 0:
