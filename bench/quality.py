@@ -74,7 +74,7 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
     """Train the model in-process until max_steps or max_minutes, whichever comes first."""
     torch.manual_seed(seed)
     t0 = time.time()
-    docs = make_corpus(recipe.num_docs, recipe.corpus_seed, "http://127.0.0.1:1")
+    docs = make_corpus(recipe.num_docs, recipe.corpus_seed, "http://127.0.0.1:1", recipe.single_image_fraction)
     tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
                                      corpus_texts=[t for d in docs for t in d["text_list"]])
     data = build_rows(cfg, docs, tokenizer)
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch", type=int, help="packed rows per step")
     p.add_argument("--docs", type=int, help="corpus size")
+    p.add_argument("--pairs", type=float, help="share of one-image documents in the corpus")
     p.add_argument("--guidance", type=float, help="guidance scale at evaluation")
     p.add_argument("--eval-n", type=int, default=72, help="held-out prompts and images to score")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     cfg = load_config(tiny(), None, args.overrides)
     changes = {"max_steps": args.steps, "max_minutes": args.minutes, "lr": args.lr,
-               "batch_size": args.batch, "num_docs": args.docs}
+               "batch_size": args.batch, "num_docs": args.docs,
+               "single_image_fraction": args.pairs}
     recipe = dataclasses.replace(TINY_RECIPE, **{k: v for k, v in changes.items() if v is not None})
     if args.speed_only:
         recipe = dataclasses.replace(recipe, max_steps=25, max_minutes=10, num_docs=min(recipe.num_docs, 200))

@@ -37,7 +37,7 @@ def test_corpus_has_mmc4_fields_and_matching():
     for doc in docs:
         assert set(doc) == MMC4_DOC_KEYS
         assert isinstance(doc["text_list"], list) and all(isinstance(t, str) for t in doc["text_list"])
-        assert len(doc["image_info"]) >= 2
+        assert 1 <= len(doc["image_info"]) <= 4
         assert doc["could_have_url_duplicate"] in (0, 1)
         sims = doc["similarity_matrix"]
         assert len(sims) == len(doc["image_info"])
@@ -53,6 +53,11 @@ def test_corpus_has_mmc4_fields_and_matching():
             assert info["matched_sim"] == max(sims[i])
             # the sentence after it captions the image (image -> text direction)
             assert syn.score_caption(doc["text_list"][info["matched_text_index"] + 1]) == (spec.colour, spec.shape)
+    counts = [len(d["image_info"]) for d in docs]
+    assert 1 in counts and max(counts) >= 3  # pairs and interleaved documents both present
+    assert all(len(d["image_info"]) >= 2 for d in syn.make_corpus(10, 0, "http://h", single_image_fraction=0.0))
+    with pytest.raises(ValueError, match="single_image_fraction"):
+        syn.make_corpus(1, 0, "http://h", single_image_fraction=1.5)
     fillers = [t for d in docs for t in d["text_list"] if syn.score_caption(t) == (None, None)]
     assert fillers, "documents should hold filler sentences too"
 
