@@ -543,8 +543,9 @@ class ImageServer:
 class TinyRecipe:
     """How the `tiny` preset is trained on this world (measured with bench/quality.py).
 
-    The Ray Train job and the demo read these values so that the in-process benchmark and the
-    pipeline train the same way; the model sizes live in `dreamcore.config.tiny()`.
+    The Ray Train job and the demo read these values (`pipelines.train.config.recipe_overrides`
+    maps them onto TrainConfig) so that the in-process benchmark and the pipeline train the same
+    way; the model sizes live in `dreamcore.config.tiny()`.
 
     Measured (bench/quality.py, 36-72 held-out cases, quiet 2-core box ~3 steps/s = ~1800 steps in
     10 min): this recipe does NOT reach issue 5's bar yet. After 1500 steps text -> image colour is
@@ -568,15 +569,6 @@ class TinyRecipe:
     grad_clip: float = 1.0
     eval_guidance_scale: float = 3.0
     eval_inference_steps: int = 20
-
-    def train_overrides(self) -> list[str]:
-        """The recipe as `--set` overrides of pipelines.train's TrainConfig (same names there)."""
-        return [
-            f"optim.lr={self.lr}", f"optim.warmup_steps={self.warmup_steps}",
-            f"optim.min_lr_ratio={self.min_lr_ratio}", f"optim.weight_decay={self.weight_decay}",
-            f"optim.grad_clip={self.grad_clip}", f"optim.beta2={self.beta2}", f"micro_batch_size={self.batch_size}",
-            f"max_steps={self.max_steps}", f"max_minutes={self.max_minutes}",
-        ]
 
 
 TINY_RECIPE = TinyRecipe()

@@ -173,7 +173,8 @@ def test_tiny_recipe_maps_onto_the_train_config():
     train_config = pytest.importorskip("pipelines.train.config")
     from dreamcore.config import load_config
 
-    cfg = load_config(train_config.TrainConfig(), None, syn.TINY_RECIPE.train_overrides())
+    cfg = load_config(train_config.TrainConfig(), None, train_config.recipe_overrides(syn.TINY_RECIPE))
+    assert cfg.optim.beta2 == syn.TINY_RECIPE.beta2
     assert cfg.optim.lr == syn.TINY_RECIPE.lr
     assert cfg.micro_batch_size == syn.TINY_RECIPE.batch_size
     assert cfg.max_steps == syn.TINY_RECIPE.max_steps

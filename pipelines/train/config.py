@@ -160,6 +160,7 @@ RECIPE_KEYS = {
     "warmup_steps": "optim.warmup_steps",
     "min_lr_ratio": "optim.min_lr_ratio",
     "weight_decay": "optim.weight_decay",
+    "beta2": "optim.beta2",
     "grad_clip": "optim.grad_clip",
     "batch_size": "micro_batch_size",
     "grad_accum": "grad_accum",
