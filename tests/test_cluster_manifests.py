@@ -399,6 +399,17 @@ def _readme_block() -> dict[str, list[str]]:
     return stages
 
 
+def test_readme_shows_the_runbook_block_verbatim():
+    """The README's "Running on a cluster" commands are the runbook's, word for word."""
+
+    def first_bash_block(text: str, heading: str) -> str:
+        return text.split(heading, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+
+    ops = first_bash_block((REPO / "docs" / "operations.md").read_text(), "## README block: Running on a cluster")
+    readme = first_bash_block((REPO / "README.md").read_text(), "## Running on a cluster")
+    assert readme == ops
+
+
 def test_readme_block_has_at_most_three_commands_per_stage():
     stages = _readme_block()
     assert len(stages) == 4, list(stages)
