@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--checkpoint")
     ap.add_argument("--steps", type=int, default=10, help="denoising steps per image")
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the in-process baseline (Ray gives each replica OMP_NUM_THREADS=1)")
     args = ap.parse_args()
     ckpt = args.checkpoint
     if ckpt is None:
@@ -57,6 +59,10 @@ def main() -> int:
         ckpt = str(make_checkpoint(Path(tempfile.mkdtemp(prefix="dreamcore-bench-")) / "ckpt"))
 
     import ray
+    import torch
+
+    # Same thread budget as one replica, else the baseline oversubscribes the cores and looks slow.
+    torch.set_num_threads(args.threads)
 
     from pipelines.serve import load_serve_config, shutdown, start_local
     from pipelines.serve.engine import DecodeItem, ImageEngine, TextEngine, TextStep
@@ -113,7 +119,7 @@ def main() -> int:
     for c, p50, p95, thr in rows:
         print(f"{c:>8} {p50:>8.3f} {p95:>8.3f} {thr:>8.2f}")
     p50_1 = rows[0][1]
-    print(f"baseline in-process (same engines, no Ray/HTTP): p50 {statistics.median(base):.3f} s")
+    print(f"baseline in-process (same engines, no Ray/HTTP, {args.threads} torch thread(s)): p50 {statistics.median(base):.3f} s")
     print(f"Serve path / in-process at 1 client (p50): {p50_1 / statistics.median(base):.2f}x")
     print(f"throughput at 16 clients / at 1 client: {rows[2][3] / rows[0][3]:.2f}x (batching + concurrency)")
     print(f"decoder batched (8 per call) vs unbatched: {batched:.2f} vs {unbatched:.2f} images/s = "
