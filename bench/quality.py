@@ -38,23 +38,41 @@ from dreamcore.synthetic import TINY_RECIPE, TinyRecipe, evaluate, make_corpus, 
 from dreamcore.tokenizer import DreamTokenizer, interleave  # noqa: E402
 
 
-def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer) -> dict[str, np.ndarray]:
-    """The whole corpus as one decoded batch dict (N rows), exactly as curation + decode_batch make it."""
+def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, packing: bool = True,
+               pair_mode: str = "interleaved") -> dict[str, np.ndarray]:
+    """The whole corpus as one decoded batch dict (N rows), exactly as curation + decode_batch make it.
+
+    pair_mode (layout of one-image documents, DreamLLM's pair data): "interleaved" (as MMC4);
+    "text-to-image": a creation pair (describing sentence as context, then the dream block; the
+    caption left out); "both": that creation pair AND a comprehension pair (image, then its caption
+    as target: "image-to-text"), two training sequences per one-image document.
+    """
     encoded, owners = [], []
-    for d, doc in enumerate(docs):
-        parts, problems = interleave(doc["text_list"], [i["matched_text_index"] for i in doc["image_info"]])
-        if problems:
-            raise ValueError(f"synthetic document {doc['url']}: {problems}")
-        enc = tokenizer.encode_document(parts, max_len=cfg.max_seq_len, max_images=cfg.images_per_sample)
+
+    def add(d: int, doc: dict, parts: list, mode: str) -> None:
+        enc = tokenizer.encode_document(parts, max_len=cfg.max_seq_len, max_images=cfg.images_per_sample,
+                                        mode=mode)
         if enc.dropped_images:  # a synthetic doc should fit; say so instead of training on less
             print(f"note: {doc['url']} lost images {enc.dropped_images} to truncation", file=sys.stderr)
         encoded.append(enc)
         owners.append(d)
-    rows = tokenizer.pack(encoded, cfg.max_seq_len, cfg.images_per_sample)
+
+    for d, doc in enumerate(docs):
+        parts, problems = interleave(doc["text_list"], [i["matched_text_index"] for i in doc["image_info"]])
+        if problems:
+            raise ValueError(f"synthetic document {doc['url']}: {problems}")
+        if pair_mode == "interleaved" or len(doc["image_info"]) != 1:
+            add(d, doc, parts, "interleaved")
+            continue
+        m = doc["image_info"][0]["matched_text_index"]
+        add(d, doc, [doc["text_list"][m], 0], "text-to-image")
+        if pair_mode == "both":  # the sentence after the image is its caption (synthetic.make_document)
+            add(d, doc, [0, doc["text_list"][m + 1]], "image-to-text")
+    rows = tokenizer.pack(encoded, cfg.max_seq_len, cfg.images_per_sample, packing=packing)
     res = cfg.image_resolution
     samples = []
     for r, row in enumerate(rows):
-        pngs = [render_png(docs[pos]["image_info"][img]["image_name"][:-4], res) for pos, img in row.images]
+        pngs = [render_png(docs[owners[pos]]["image_info"][img]["image_name"][:-4], res) for pos, img in row.images]
         samples.append(row.to_sample(f"row{r}", pngs))
     columns = {k: [s[k] for s in samples] for k in samples[0]}
     return decode_batch(columns, cfg)
@@ -69,15 +87,61 @@ def lr_at(step: int, recipe: TinyRecipe, total: int) -> float:
     return floor + 0.5 * (recipe.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int = 0
-          ) -> tuple[DreamLLM, DreamTokenizer, dict]:
-    """Train the model in-process until max_steps or max_minutes, whichever comes first."""
+@torch.no_grad()
+def probe(model: DreamLLM, batch: dict, repeats: int = 4, seed: int = 0) -> dict:
+    """Does the decoder use its condition? Denoising MSE with the right conditions vs the same
+    conditions shuffled across images (same noise and timesteps), and how much the conditions vary
+    across images relative to their overall spread."""
+    captured = {}
+    real_loss = model.decoder.loss
+
+    def capture(images, cond):
+        captured["x"], captured["c"] = images, cond
+        return cond.sum() * 0.0
+
+    was_training = model.training
+    model.eval()
+    model.decoder.loss = capture
+    try:
+        model(batch)
+    finally:
+        model.decoder.loss = real_loss
+    x, c = captured["x"], captured["c"]
+    k = x.shape[0]
+    perm = torch.roll(torch.arange(k), 1)
+    g = torch.Generator().manual_seed(seed)
+    dec, right, wrong = model.decoder, 0.0, 0.0
+    for _ in range(repeats):
+        x0 = dec.to_model_space(x)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, dec.train_scheduler.config.num_train_timesteps, (k,), generator=g)
+        xt = dec.train_scheduler.add_noise(x0, noise, t)
+        for cond, acc in ((c, "r"), (c[perm], "w")):
+            pred = dec.unet(xt, t, encoder_hidden_states=cond).sample
+            mse = float(torch.nn.functional.mse_loss(pred, noise))
+            if acc == "r":
+                right += mse / repeats
+            else:
+                wrong += mse / repeats
+    flat = c.reshape(k, -1)
+    spread = float(flat.std(0).mean() / flat.std())
+    model.train(was_training)
+    return {"mse_right": round(right, 5), "mse_shuffled": round(wrong, 5),
+            "gap": round(wrong - right, 5), "spread": round(spread, 3)}
+
+
+def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int = 0, packing: bool = True,
+          pair_mode: str = "interleaved", creation_lr_mult: float = 1.0, probe_every: int = 0,
+          trim: bool = True) -> tuple[DreamLLM, DreamTokenizer, dict]:
+    """Train the model in-process until max_steps or max_minutes, whichever comes first.
+
+    creation_lr_mult: lr multiplier for dream_queries and cond_proj (a second AdamW group)."""
     torch.manual_seed(seed)
     t0 = time.time()
     docs = make_corpus(recipe.num_docs, recipe.corpus_seed, "http://127.0.0.1:1", recipe.single_image_fraction)
     tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
                                      corpus_texts=[t for d in docs for t in d["text_list"]])
-    data = build_rows(cfg, docs, tokenizer)
+    data = build_rows(cfg, docs, tokenizer, packing=packing, pair_mode=pair_mode)
     n_rows = data["input_ids"].shape[0]
     n_images = int((data["dream_slots"] >= 0).sum())
     print(f"data: {len(docs)} docs -> {n_rows} rows of {cfg.max_seq_len} tokens, {n_images} images "
@@ -89,8 +153,12 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
           f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable); "
           f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M", flush=True)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, recipe.beta2), weight_decay=recipe.weight_decay)
+    special = {id(model.dream_queries), *(id(p) for p in model.cond_proj.parameters())}
+    groups = [{"params": [p for p in params if id(p) not in special], "lr_mult": 1.0},
+              {"params": [p for p in params if id(p) in special], "lr_mult": creation_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, recipe.beta2), weight_decay=recipe.weight_decay)
     rng = np.random.default_rng(seed)
+    probe_batch = to_torch({k: v[:16] for k, v in data.items()})
     order = rng.permutation(n_rows)
     cursor, step, history = 0, 0, []
     start, cpu_start = time.time(), time.process_time()
@@ -100,9 +168,14 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
             order, cursor = rng.permutation(n_rows), 0
         idx = order[cursor:cursor + recipe.batch_size]
         cursor += recipe.batch_size
-        batch = to_torch({k: v[idx] for k, v in data.items()})
+        batch = {k: v[idx] for k, v in data.items()}
+        if trim:  # drop the all-padding tail (causal attention: the result is the same, only faster)
+            t_max = int(batch["attention_mask"].sum(1).max())
+            batch = {k: (v[:, :t_max] if k in ("input_ids", "labels", "attention_mask") else v)
+                     for k, v in batch.items()}
+        batch = to_torch(batch)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe, recipe.max_steps)
+            group["lr"] = lr_at(step, recipe, recipe.max_steps) * group["lr_mult"]
         out = model(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -115,6 +188,8 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
             cpu_per_step = (time.process_time() - cpu_start) / step
             print(f"step {step:5d}  lm {lm:.3f}  vm {vm:.4f}  {step / (time.time() - start):.2f} steps/s  "
                   f"{cpu_per_step:.2f} cpu-s/step", flush=True)
+        if probe_every and step % probe_every == 0:
+            print(f"probe {step}: {probe(model, probe_batch)}", flush=True)
     elapsed, cpu = time.time() - start, time.process_time() - cpu_start
     # CPU seconds per step do not depend on how busy the shared machine is: with T threads a
     # quiet machine runs about cpu_s_per_step / T seconds per step (an upper bound: contention
@@ -123,7 +198,8 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
              "cpu_s_per_step": round(cpu / max(step, 1), 3),
              "rows": n_rows, "images": n_images,
              "final_lm_loss": round(float(np.mean([h[0] for h in history[-50:]])), 4),
-             "final_vm_loss": round(float(np.mean([h[1] for h in history[-50:]])), 5)}
+             "final_vm_loss": round(float(np.mean([h[1] for h in history[-50:]])), 5),
+             "probe": probe(model, probe_batch)}
     return model, tokenizer, stats
 
 
@@ -138,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, help="corpus size")
     p.add_argument("--pairs", type=float, help="share of one-image documents in the corpus")
     p.add_argument("--guidance", type=float, help="guidance scale at evaluation")
+    p.add_argument("--packing", choices=["on", "off"],
+                   help=f"several documents per row (on) or one (off) (recipe: {TINY_RECIPE.packing})")
+    p.add_argument("--no-packing", dest="packing", action="store_const", const="off", help="= --packing off")
+    p.add_argument("--pair-mode", choices=["interleaved", "text-to-image", "both"],
+                   help="layout of one-image documents; see build_rows (recipe: %s)" % TINY_RECIPE.pair_layout)
+    p.add_argument("--creation-lr-mult", type=float, default=1.0, help="lr multiplier: dream_queries, cond_proj")
+    p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
+    p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")
     p.add_argument("--eval-n", type=int, default=72, help="held-out prompts and images to score")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(tiny(), None, args.overrides)
     changes = {"max_steps": args.steps, "max_minutes": args.minutes, "lr": args.lr,
                "batch_size": args.batch, "num_docs": args.docs,
-               "single_image_fraction": args.pairs}
+               "single_image_fraction": args.pairs, "pair_layout": args.pair_mode,
+               "packing": None if args.packing is None else args.packing == "on"}
     recipe = dataclasses.replace(TINY_RECIPE, **{k: v for k, v in changes.items() if v is not None})
     if args.speed_only:
         recipe = dataclasses.replace(recipe, max_steps=25, max_minutes=10, num_docs=min(recipe.num_docs, 200))
@@ -165,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = from_pretrained(args.load)
         stats = {"loaded": str(args.load)}
     else:
-        model, tokenizer, stats = train(cfg, recipe, log_every=5 if args.speed_only else 50, seed=args.seed)
+        model, tokenizer, stats = train(cfg, recipe, log_every=5 if args.speed_only else 50, seed=args.seed,
+                                        packing=recipe.packing, pair_mode=recipe.pair_layout,
+                                        creation_lr_mult=args.creation_lr_mult, probe_every=args.probe_every)
         print(f"trained: {stats}", flush=True)
     if args.save:
         from dreamcore.checkpoint import save_pretrained
@@ -175,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t = time.time()
     guidance = args.guidance if args.guidance is not None else recipe.eval_guidance_scale
-    report = evaluate(model, tokenizer, args.eval_n, args.eval_n, seed=args.seed, guidance_scale=guidance,
+    n_images = args.eval_n if args.eval_images is None else args.eval_images
+    report = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed, guidance_scale=guidance,
                       num_inference_steps=recipe.eval_inference_steps)
     print(f"evaluated in {time.time() - t:.1f}s (guidance {guidance}):")
     for line in report.lines():
@@ -183,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in report.samples or []:
         print("  example:", s)
     if args.json:
-        args.json.write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "overrides": args.overrides,
+        args.json.write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
+                                         "recipe": dataclasses.asdict(recipe), "overrides": args.overrides,
                                          "model": to_dict(model.cfg), "train": stats,
                                          "eval": dataclasses.asdict(report)}, indent=2))
     return 0
