@@ -557,13 +557,19 @@ class TinyRecipe:
 
     num_docs: int = 3000  # corpus size (documents); rows after packing are fewer
     corpus_seed: int = 0
-    single_image_fraction: float = 0.5  # share of one-image documents (text-image pairs)
+    single_image_fraction: float = 1.0  # share of one-image documents (text-image pairs)
+    # How one-image documents are laid out (bench/quality.py build_rows): "both" = a creation pair
+    # (sentence as context, then the dream block) AND a comprehension pair (image, then its caption
+    # as target), DreamLLM's pair data; "interleaved" = as an MMC4 document. NOTE: curation
+    # (pipelines/curate/tokenize.py encode_doc) lays out every document as "interleaved" today.
+    pair_layout: str = "both"
+    packing: bool = False  # one sequence per row: packed rows have no per-document attention mask
     lr: float = 1e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decay to lr * this at max_steps
     weight_decay: float = 0.0
     beta2: float = 0.95  # AdamW betas (0.9, beta2), as pipelines.train's OptimConfig
-    batch_size: int = 8  # packed rows per step
+    batch_size: int = 64  # rows per step (with packing off: 32 creation + 32 comprehension pairs)
     max_steps: int = 2000
     max_minutes: float = 10.0  # issue 5's training budget on the 2-core machine
     grad_clip: float = 1.0
