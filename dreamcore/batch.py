@@ -127,3 +127,15 @@ def _decode_image(payload: Any, res: int, where: str) -> np.ndarray:
         # Stored at another resolution (e.g. curated for another config): match the model's.
         rgb = rgb.resize((res, res), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cut the token columns to the longest row of this batch.
+
+    Rows are stored at the fixed `max_seq_len`; short rows (pairs, unpacked documents) are mostly
+    padding at the end. Attention is causal and padding comes last, so dropping the all-padding
+    tail changes no loss, only the cost. Slots always lie before a row's `num_tokens`.
+    """
+    longest = int(batch["attention_mask"].sum(1).max()) if len(batch["attention_mask"]) else 0
+    longest = max(longest, 1)
+    return {k: (v[:, :longest] if k in ("input_ids", "labels", "attention_mask") else v) for k, v in batch.items()}

@@ -78,7 +78,9 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
         t0 = _step(1, f"synthetic corpus ({docs} MMC4-format documents, images at {server.base_url})")
         raw = out / "raw"
         raw.mkdir(exist_ok=True)
-        corpus = synthetic.make_corpus(docs, seed=seed, image_base_url=server.base_url)
+        recipe = synthetic.TINY_RECIPE
+        corpus = synthetic.make_corpus(docs, seed=seed, image_base_url=server.base_url,
+                                       single_image_fraction=recipe.single_image_fraction)
         shard = raw / "shapes-000.jsonl"
         shard.write_text("".join(json.dumps(d) + "\n" for d in corpus))
         timings["corpus_s"] = time.perf_counter() - t0
@@ -89,7 +91,11 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
         # 2. Curate on Ray Data: crawl the loopback server, filter, tokenize, write Parquet.
         t0 = _step(2, "curate (Ray Data): crawl -> filter -> tokenize -> Parquet")
         data_dir = out / "data"
-        manifest = curate([str(shard)], data_dir, embedded())
+        curate_cfg = embedded()
+        # The recipe's data: one-image documents as creation + comprehension pairs, one per row.
+        curate_cfg.tokenize.pair_layout = "pairs" if recipe.pair_layout == "both" else "interleaved"
+        curate_cfg.tokenize.packing = "pack" if recipe.packing else "truncate"
+        manifest = curate([str(shard)], data_dir, curate_cfg)
         timings["curate_s"] = time.perf_counter() - t0
         print(f"   {manifest['outputs']['samples']} samples in {len(manifest['outputs']['files'])} file(s)")
 

@@ -170,3 +170,19 @@ def test_decode_batch_inside_ray_data_map_batches(cfg, tmp_path, ray_session):
                             for r in rows)
     assert sorted(tuple(s) for s in got["image_slots"].tolist()) == expected_slots
     assert (got["images"][got["image_slots"] >= 0][..., 0] > 150).all()  # red, resized from res + 4
+
+
+def test_trim_padding_keeps_every_real_token_and_slot():
+    from dreamcore.batch import trim_padding
+
+    ids = np.zeros((3, 16), dtype=np.int64)
+    mask = np.zeros((3, 16), dtype=np.int64)
+    for r, n in enumerate((5, 9, 2)):
+        ids[r, :n] = np.arange(1, n + 1)
+        mask[r, :n] = 1
+    batch = {"input_ids": ids, "labels": ids.copy(), "attention_mask": mask,
+             "images": np.zeros((3, 2, 4, 4, 3), np.uint8), "image_slots": np.full((3, 2), -1),
+             "dream_slots": np.full((3, 2), -1)}
+    out = trim_padding(batch)
+    assert out["input_ids"].shape == (3, 9) and out["attention_mask"].sum() == mask.sum()
+    assert np.array_equal(out["input_ids"], ids[:, :9]) and out["images"].shape == (3, 2, 4, 4, 3)

@@ -285,3 +285,38 @@ def test_encode_and_pack_drop_what_does_not_fit_with_reasons(tmp_path):
         for png, slot in zip(s["images"], s["image_slots"]):
             assert png[:4] == b"\x89PNG" and s["input_ids"][slot] == tok.im_patch_id
     pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)  # the rows fit the published schema
+
+
+def test_pair_layout_turns_one_image_documents_into_creation_and_comprehension_rows(tmp_path):
+    """DreamLLM's pair data: a one-image document -> (sentence, dream block) and (image, sentence)."""
+    from pipelines.curate.readers import empty_image
+    from pipelines.curate.tokenize import encode_doc, pack_docs, tokenizer_for, train_tokenizer
+
+    cfg = CurateConfig()
+    mcfg = cfg.model_config()
+    train_tokenizer(["a red circle and a blue square"] * 20, mcfg, str(tmp_path / "tok"))
+    tok = tokenizer_for(str(tmp_path / "tok"), mcfg)
+
+    def doc(doc_id, n_images, texts):
+        images = [dict(empty_image(f"http://x/{i}", 0), data=image_bytes("PNG", (32, 32), i))
+                  for i in range(n_images)]
+        return {"doc_id": doc_id, "texts": texts, "drop_stage": "", "reason": "", "error": "",
+                "images": images}
+
+    pair = encode_doc(tok, doc("pair", 1, ["a red circle", "filler"]), mcfg)
+    multi = encode_doc(tok, doc("multi", 2, ["a blue square", "more"]), mcfg)
+    samples = pack_docs(tok, [pair, multi], mcfg, packing=False, pair_layout="pairs")
+    by_doc = {}
+    for s in samples:
+        by_doc.setdefault(s["doc_ids"][0], []).append(s)
+    assert len(by_doc["pair"]) == 2 and len(by_doc["multi"]) == 1  # several images stay interleaved
+    creation, comprehension = by_doc["pair"]
+    assert creation["dream_slots"][0] >= 0 and creation["image_slots"] == [-1]
+    assert comprehension["image_slots"][0] >= 0 and comprehension["dream_slots"] == [-1]
+    # The sentence is context for creation and the target of comprehension.
+    targets = [t for t in comprehension["labels"] if t != -100]
+    assert "red circle" in tok.decode(targets)
+    assert creation["labels"][creation["dream_slots"][0] - 1] == tok.dream_start_id
+    assert "red circle" not in tok.decode([t for t in creation["labels"] if t != -100])
+    assert len({s["sample_id"] for s in samples}) == len(samples)  # ids stay unique
+    pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)

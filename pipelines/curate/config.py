@@ -13,6 +13,7 @@ from dreamcore.config import ConfigError, ModelConfig, preset
 RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
 ENCODE_FORMATS = ("png", "jpg", "webp")
 PACKING = ("pack", "truncate")
+PAIR_LAYOUTS = ("interleaved", "pairs")
 SIMILARITY_STYLES = ("mmc4", "core")
 
 
@@ -88,6 +89,10 @@ class SimilarityConfig:
 @dataclass
 class TokenizeConfig:
     packing: str = "pack"  # pack several documents per row, or one truncated document per row
+    # One-image documents: "interleaved" lays them out like any MMC4 document; "pairs" turns each
+    # into DreamLLM's pair data, a creation sequence (its sentence, then the dream block) and a
+    # comprehension sequence (the image, then its sentence as target), in separate rows.
+    pair_layout: str = "interleaved"
     tokenizer_sample_docs: int = 2000  # driver-side sample for training the byte-level BPE
     batch_size: int = 64
     samples_per_file: int = 2048
@@ -111,6 +116,7 @@ class CurateConfig:
             ("crawl.resize_mode", self.crawl.resize_mode, RESIZE_MODES),
             ("crawl.encode_format", self.crawl.encode_format, ENCODE_FORMATS),
             ("tokenize.packing", self.tokenize.packing, PACKING),
+            ("tokenize.pair_layout", self.tokenize.pair_layout, PAIR_LAYOUTS),
             ("similarity.style", self.similarity.style, SIMILARITY_STYLES),
         ]
         for key, value, choices in checks:

@@ -127,9 +127,10 @@ def encode_udf(batch: pa.Table, tok_path: str, mcfg: Any) -> pa.Table:
     return pa.Table.from_pylist(docs, schema=CURATE_ENCODED_SCHEMA)
 
 
-def pack_udf(batch: pa.Table, tok_path: str, mcfg: Any, packing: bool) -> pa.Table:
+def pack_udf(batch: pa.Table, tok_path: str, mcfg: Any, packing: bool, pair_layout: str = "interleaved") -> pa.Table:
     tok = tokenizer_for(tok_path, mcfg)
-    return pa.Table.from_pylist(pack_docs(tok, _rows(batch), mcfg, packing), schema=SAMPLE_SCHEMA)
+    samples = pack_docs(tok, _rows(batch), mcfg, packing, pair_layout)
+    return pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)
 
 
 def accounting_udf(batch: pa.Table) -> pa.Table:
@@ -194,7 +195,9 @@ def _check_resume(manifest: dict, cfg: CurateConfig) -> None:
     now = to_dict(cfg)
     pinned = {"model": (old.get("model"), now["model"]),
               "model_overrides": (old.get("model_overrides"), now["model_overrides"]),
-              "tokenize.packing": (old.get("tokenize", {}).get("packing"), now["tokenize"]["packing"])}
+              "tokenize.packing": (old.get("tokenize", {}).get("packing"), now["tokenize"]["packing"]),
+              "tokenize.pair_layout": (old.get("tokenize", {}).get("pair_layout", "interleaved"),
+                                       now["tokenize"].get("pair_layout", "interleaved"))}
     for key, (was, is_now) in pinned.items():
         if was is not None and was != is_now:
             raise CurateError(
@@ -365,7 +368,8 @@ def _tokenize_and_write(docs: ray.data.Dataset, out: Path, cfg: CurateConfig, ma
     (
         encoded.filter(lambda r: not r["drop_stage"])
         .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
-                     fn_kwargs={"tok_path": tok_path, "mcfg": mcfg, "packing": cfg.tokenize.packing == "pack"})
+                     fn_kwargs={"tok_path": tok_path, "mcfg": mcfg, "packing": cfg.tokenize.packing == "pack",
+                                "pair_layout": cfg.tokenize.pair_layout})
         .write_parquet(str(samples_dir), max_rows_per_file=cfg.tokenize.samples_per_file, schema=SAMPLE_SCHEMA)
     )
     return encoded

@@ -59,20 +59,48 @@ def encode_doc(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> dict:
     return doc
 
 
-def pack_docs(tok: DreamTokenizer, docs: list[dict], mcfg: ModelConfig, packing: bool) -> list[dict]:
+def pair_sequences(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> list[EncodedDocument] | None:
+    """DreamLLM's pair data from a one-image document: creation (sentence -> dream block) and
+    comprehension (image -> sentence as target), as two sequences. None when the document has not
+    exactly one kept image, or its matched sentence is empty (it stays interleaved)."""
+    if len(doc["enc_images"]) != 1:
+        return None
+    image = doc["images"][doc["enc_images"][0]]
+    m = image.get("matched_text_index")
+    if m is None or not 0 <= m < len(doc["texts"]) or not doc["texts"][m].strip():
+        return None
+    sentence = doc["texts"][m]
+    out = []
+    for parts, mode in (([sentence, 0], "text-to-image"), ([0, sentence], "image-to-text")):
+        enc = tok.encode_document(parts, max_len=mcfg.max_seq_len, max_images=1, mode=mode)
+        if enc.dropped_images:
+            return None
+        out.append(EncodedDocument(enc.input_ids, enc.labels, enc.image_slots, enc.dream_slots, [0]))
+    return out
+
+
+def pack_docs(tok: DreamTokenizer, docs: list[dict], mcfg: ModelConfig, packing: bool,
+              pair_layout: str = "interleaved") -> list[dict]:
     """Encoded kept documents -> SAMPLE_SCHEMA records (images as the stored PNG bytes)."""
     docs = [d for d in docs if not d["drop_stage"] and d["enc_input_ids"]]
-    encoded = [
-        EncodedDocument(d["enc_input_ids"], d["enc_labels"], d["enc_image_slots"], d["enc_dream_slots"],
-                        list(range(len(d["enc_images"]))))
-        for d in docs
-    ]
+    encoded, owners = [], []
+    for pos, d in enumerate(docs):
+        pairs = pair_sequences(tok, d, mcfg) if pair_layout == "pairs" else None
+        for enc in pairs or [EncodedDocument(d["enc_input_ids"], d["enc_labels"], d["enc_image_slots"],
+                                             d["enc_dream_slots"], list(range(len(d["enc_images"]))))]:
+            encoded.append(enc)
+            owners.append(pos)
     rows = tok.pack(encoded, mcfg.max_seq_len, mcfg.images_per_sample,
-                    doc_ids=[d["doc_id"] for d in docs], packing=packing)
-    samples = []
+                    doc_ids=[docs[pos]["doc_id"] for pos in owners], packing=packing)
+    samples: list[dict] = []
+    seen: dict[str, int] = {}
     for row in rows:
-        payloads = [docs[pos]["images"][docs[pos]["enc_images"][j]]["data"] for pos, j in row.images]
+        payloads = [docs[owners[pos]]["images"][docs[owners[pos]]["enc_images"][j]]["data"]
+                    for pos, j in row.images]
         sample_id = hashlib.sha1("\n".join(row.doc_ids).encode()).hexdigest()[:16]
+        seen[sample_id] = seen.get(sample_id, 0) + 1
+        if seen[sample_id] > 1:  # one document's pair rows: creation, then comprehension
+            sample_id = f"{sample_id}-{seen[sample_id] - 1}"
         samples.append(row.to_sample(sample_id, payloads))
     return samples
 

@@ -224,7 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import deepspeed
     import ray.train
 
-    from dreamcore.batch import to_torch
+    from dreamcore.batch import to_torch, trim_padding
     from dreamcore.tokenizer import DreamTokenizer
 
     cfg = from_dict(TrainConfig, config["train"]).validate()
@@ -298,7 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     stop = False
     while state.step < cfg.max_steps and not stop:
         for _ in range(cfg.grad_accum):
-            batch = to_torch(pending.pop() if pending else next(batches), device)
+            batch = to_torch(trim_padding(pending.pop() if pending else next(batches)), device)
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
