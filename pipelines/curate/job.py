@@ -410,13 +410,22 @@ def _publish(group: list[str], gid: str, tmp: Path, out: Path, acct: pa.Table, m
 
 
 def _count_written(files: list[Path]) -> tuple[int, int, int]:
-    samples = docs = images = 0
+    """Samples, documents and images in the published shards, each document and image once.
+
+    A document is in one row, except a one-image document laid out as pairs (tokenize.pair_layout):
+    its creation row and comprehension row hold the same single image, counted once.
+    """
+    samples = images = 0
+    rows_of: dict[str, int] = {}
     for f in files:
         t = pq.read_table(f, columns=["doc_ids", "image_slots"])
         samples += t.num_rows
-        docs += sum(len(x) for x in t.column("doc_ids").to_pylist())
+        for ids in t.column("doc_ids").to_pylist():
+            for d in ids:
+                rows_of[d] = rows_of.get(d, 0) + 1
         images += sum(len(x) for x in t.column("image_slots").to_pylist())
-    return samples, docs, images
+    repeats = sum(n - 1 for n in rows_of.values())
+    return samples, len(rows_of), images - repeats
 
 
 def _write_hashes(encoded: Any, path: Path) -> None:
