@@ -116,9 +116,10 @@ def probe(model: DreamLLM, batch: dict, repeats: int = 4, seed: int = 0) -> dict
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, dec.train_scheduler.config.num_train_timesteps, (k,), generator=g)
         xt = dec.train_scheduler.add_noise(x0, noise, t)
+        target = noise if dec.prediction_type == "epsilon" else dec.train_scheduler.get_velocity(x0, noise, t)
         for cond, acc in ((c, "r"), (c[perm], "w")):
             pred = dec.unet(xt, t, encoder_hidden_states=cond).sample
-            mse = float(torch.nn.functional.mse_loss(pred, noise))
+            mse = float(torch.nn.functional.mse_loss(pred, target))
             if acc == "r":
                 right += mse / repeats
             else:

@@ -547,12 +547,19 @@ class TinyRecipe:
     maps them onto TrainConfig) so that the in-process benchmark and the pipeline train the same
     way; the model sizes live in `dreamcore.config.tiny()`.
 
-    Measured (bench/quality.py, 36-72 held-out cases, quiet 2-core box ~3 steps/s = ~1800 steps in
-    10 min): this recipe does NOT reach issue 5's bar yet. After 1500 steps text -> image colour is
-    at chance (11%) because the UNet ignores its condition (denoising MSE identical with the right
-    and with shuffled conditions); captions name the colour 69% / colour+shape 25%. loss.vm_weight=50
-    did not change that within 572 steps. The open lever is the conditioning path learning to read
-    the prompt; the values below are the best measured so far, not a recipe that meets the bar.
+    Measured (bench/quality.py, 72 held-out prompts / images, 2 threads): with this recipe and
+    the tiny preset's v-prediction decoder, 774 steps in 5 min (2.6 steps/s) give text -> image
+    colour 100% (chance 16.7%), shape 40% (chance 33%), captions colour+shape 85% (chance 5.6%;
+    colour 100%, shape 85%). The same recipe with epsilon prediction, 2000 steps in 9.6 min (3.5
+    steps/s): colour 26%, shape 40%, captions 96%. Shape (bar 75%) is not reached; a full 10-min
+    run of this exact recipe is still to be measured on a quiet machine.
+    Why pairs, unpacked: with the old mix (half interleaved 2-4 image documents, packed rows, 8
+    rows/step) the denoising MSE was the same with right and shuffled conditions (probe gap 1e-5)
+    and conditions barely varied across prompts (spread 0.09). Creation pairs (sentence as context,
+    no LM loss on it) make the gap appear within 200-300 steps; packing the same pairs without a
+    per-document attention mask delays it (gap 0.0007 vs 0.0072 at 400 steps), and adding the
+    interleaved documents stops it (gap 7e-5 at 300 steps; with loss.lm_weight=0 it reappears:
+    0.0026), i.e. their LM loss on the describing sentences competes with the condition path.
     """
 
     num_docs: int = 3000  # corpus size (documents); rows after packing are fewer

@@ -203,3 +203,17 @@ def test_evaluate_scores_a_model_end_to_end():
     prompts = [s["prompt"] for s in report.samples if "prompt" in s]
     assert prompts == [p for p, _ in syn.heldout_prompts(3, 0)]
     assert all(len(line) > 0 for line in report.lines())
+
+
+def test_tiny_recipe_pair_layout_is_known():
+    """bench/quality.py build_rows (and curation, once it lays out pairs) accept these values."""
+    assert syn.TINY_RECIPE.pair_layout in ("interleaved", "text-to-image", "both")
+    assert isinstance(syn.TINY_RECIPE.packing, bool)
+    assert 0.0 <= syn.TINY_RECIPE.single_image_fraction <= 1.0
+
+
+def test_tiny_preset_decoder_predicts_v():
+    """epsilon prediction + cosine schedule ignored the prompt at the first sampler steps (TinyRecipe)."""
+    from dreamcore.config import tiny
+
+    assert tiny().decoder.prediction_type == "v_prediction"
