@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreamcore.batch import decode_batch, to_torch  # noqa: E402
+from dreamcore.batch import decode_batch, to_torch, trim_padding  # noqa: E402, trim_padding
 from dreamcore.config import ModelConfig, load_config, tiny, to_dict  # noqa: E402
 from dreamcore.model import DreamLLM  # noqa: E402
 from dreamcore.synthetic import TINY_RECIPE, TinyRecipe, evaluate, make_corpus, render_png  # noqa: E402
@@ -171,9 +171,7 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
         cursor += recipe.batch_size
         batch = {k: v[idx] for k, v in data.items()}
         if trim:  # drop the all-padding tail (causal attention: the result is the same, only faster)
-            t_max = int(batch["attention_mask"].sum(1).max())
-            batch = {k: (v[:, :t_max] if k in ("input_ids", "labels", "attention_mask") else v)
-                     for k, v in batch.items()}
+            batch = trim_padding(batch)
         batch = to_torch(batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe, recipe.max_steps) * group["lr_mult"]
@@ -219,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"several documents per row (on) or one (off) (recipe: {TINY_RECIPE.packing})")
     p.add_argument("--no-packing", dest="packing", action="store_const", const="off", help="= --packing off")
     p.add_argument("--pair-mode", choices=["interleaved", "text-to-image", "both"],
-                   help="layout of one-image documents; see build_rows (recipe: %s)" % TINY_RECIPE.pair_layout)
+                   help=f"layout of one-image documents; see build_rows (recipe: {TINY_RECIPE.pair_layout})")
     p.add_argument("--creation-lr-mult", type=float, default=1.0, help="lr multiplier: dream_queries, cond_proj")
     p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
     p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")
