@@ -102,7 +102,7 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
     # 3. Train the tiny preset on Ray Train + DeepSpeed (CPU workers), export the model.
     t0 = _step(3, f"train (Ray Train + DeepSpeed, {workers} CPU worker(s), <= {train_minutes} min)")
     recipe = recipe_overrides(synthetic.TINY_RECIPE, workers)
-    budget = ["max_steps=20", "checkpoint.every_steps=10", "log_every=5"] if quick else [
+    budget = ["max_steps=20", "micro_batch_size=8", "checkpoint.every_steps=10", "log_every=5"] if quick else [
         f"max_minutes={train_minutes}"]
     # One worker on a small box: let torch use every core (Ray would give a 0.5-CPU worker one thread;
     # PNG decode for ingest is cheap next to the step).
