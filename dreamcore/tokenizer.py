@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -398,13 +398,16 @@ class DreamTokenizer:
         enc.truncated = True
         return enc
 
-    def encode_prompt(self, parts: Sequence[Part]) -> EncodedDocument:
+    def encode_prompt(self, parts: Sequence[Part], drawn: Collection[int] = ()) -> EncodedDocument:
         """A generation prompt: BOS, text, and a comprehension block per given image; no EOS.
 
-        Given images are read, not drawn, so they get no dream block. Labels are all -100.
+        Given images are read, not drawn, so they get no dream block; images listed in `drawn`
+        (ones the model generated earlier in the document) keep their dream block before it, as in
+        training. Labels are all -100.
         """
         tokens = self._tokenize_parts(self._check_parts(parts))
-        items = [("context", p) if isinstance(p, list) else ("image", p) for p in tokens]
+        items = [("context", p) if isinstance(p, list) else ("both" if p in drawn else "image", p)
+                 for p in tokens]
         enc = self._layout(items, room=None, max_images=None, eos=False)
         enc.labels = [IGNORE_INDEX] * len(enc.input_ids)
         return enc

@@ -404,3 +404,13 @@ def test_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="cannot load a tokenizer from"):
         DreamTokenizer.build(TokenizerConfig(name_or_path=str(tmp_path)), N, Q)
+
+
+def test_encode_prompt_keeps_the_dream_block_of_drawn_images(tok):
+    """A generated image is fed back as in training (dream block, then comprehension block)."""
+    enc = tok.encode_prompt(["a red circle", 0, "then", 1], drawn=[0])
+    assert enc.image_indices == [0, 1]
+    assert enc.dream_slots[0] >= 0 and enc.dream_slots[1] == -1
+    assert enc.input_ids[enc.dream_slots[0] - 1] == tok.dream_start_id
+    assert enc.image_slots[0] == enc.dream_slots[0] + tok.num_dream_queries + 2
+    assert all(label == -100 for label in enc.labels)

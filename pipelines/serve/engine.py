@@ -156,22 +156,27 @@ class TextEngine:
     # -- layout ----------------------------------------------------------------------------------
 
     def _embed(self, parts: list[tuple[str, str | bytes]]) -> torch.Tensor:
-        """Document parts -> (L, D) embeddings with query and patch slots filled."""
+        """Document parts -> (L, D) embeddings with query and patch slots filled.
+
+        The layout is the tokenizer's (`encode_prompt`): a generated image keeps its dream block
+        before its comprehension block, as in training; a given image has only the latter.
+        """
         t = self.tok
-        ids: list[int] = [t.bos_id]
-        query_at: list[int] = []
-        patch_at: list[int] = []
+        prompt: list[str | int] = []
+        drawn: list[int] = []
         images: list[np.ndarray] = []
         for kind, value in parts:
             if kind == "text":
-                ids.extend(t.encode_text(value))
+                prompt.append(value)
                 continue
-            if kind == "generated":  # the model drew it: its dream block precedes it, as in training
-                query_at.append(len(ids) + 1)
-                ids.extend([t.dream_start_id, *[t.im_patch_id] * t.num_dream_queries, t.dream_end_id])
-            patch_at.append(len(ids) + 1)
-            ids.extend([t.im_start_id, *[t.im_patch_id] * t.num_image_tokens, t.im_end_id])
+            if kind == "generated":
+                drawn.append(len(images))
+            prompt.append(len(images))
             images.append(_rgb(value, self.cfg.vision.image_size))
+        enc = t.encode_prompt(prompt, drawn=drawn)
+        ids = enc.input_ids
+        query_at = [s for s in enc.dream_slots if s >= 0]
+        patch_at = enc.image_slots
         ids_t = torch.tensor(ids, device=self.device)
         embeds = self.model.embed_tokens(ids_t)  # (L, D)
         for start in query_at:
