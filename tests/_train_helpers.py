@@ -7,19 +7,18 @@ on those captions. Tests of the trainer must not depend on the curation job.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
 
 from dreamcore.config import ModelConfig, load_config, preset, to_dict
 from dreamcore.schema import SAMPLE_SCHEMA
+from dreamcore.synthetic import render_png
 from dreamcore.tokenizer import DreamTokenizer
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
 
 # Small enough that a DeepSpeed step takes a fraction of a second on one shared CPU core.
@@ -44,19 +43,8 @@ def small_model_config() -> ModelConfig:
 
 
 def shape_png(colour: str, shape: str, size: int) -> bytes:
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    box = (size // 5, size // 5, size - size // 5, size - size // 5)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(size // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    """The synthetic world's own rendering (dreamcore.synthetic), centred and large."""
+    return render_png(f"{colour}-{shape}-large-center-v0", size)
 
 
 def make_data_folder(root: Path, cfg: ModelConfig, num_docs: int = 48, rows_per_shard: int = 16) -> Path:
