@@ -133,10 +133,12 @@ def probe(model: DreamLLM, batch: dict, repeats: int = 4, seed: int = 0) -> dict
 
 def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int = 0, packing: bool = True,
           pair_mode: str = "interleaved", creation_lr_mult: float = 1.0, probe_every: int = 0,
-          trim: bool = True) -> tuple[DreamLLM, DreamTokenizer, dict]:
+          trim: bool = True, ema_decays: tuple[float, ...] = ()) -> tuple[DreamLLM, DreamTokenizer, dict]:
     """Train the model in-process until max_steps or max_minutes, whichever comes first.
 
-    creation_lr_mult: lr multiplier for dream_queries and cond_proj (a second AdamW group)."""
+    creation_lr_mult: lr multiplier for dream_queries and cond_proj (a second AdamW group).
+    ema_decays: keep an exponential moving average of the trained weights per decay; returned in
+    stats["ema"] as {decay: state_dict} for evaluation."""
     torch.manual_seed(seed)
     t0 = time.time()
     docs = make_corpus(recipe.num_docs, recipe.corpus_seed, "http://127.0.0.1:1", recipe.single_image_fraction)
@@ -157,6 +159,7 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
     special = {id(model.dream_queries), *(id(p) for p in model.cond_proj.parameters())}
     groups = [{"params": [p for p in params if id(p) not in special], "lr_mult": 1.0},
               {"params": [p for p in params if id(p) in special], "lr_mult": creation_lr_mult}]
+    emas = {d: [p.detach().clone() for p in params] for d in ema_decays}
     opt = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, recipe.beta2), weight_decay=recipe.weight_decay)
     rng = np.random.default_rng(seed)
     probe_batch = to_torch({k: v[:16] for k, v in data.items()})
@@ -180,6 +183,9 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         opt.step()
+        with torch.no_grad():
+            for d, shadow in emas.items():
+                torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - d)
         step += 1
         history.append((float(out["lm_loss"]), float(out["vm_loss"])))
         if step % log_every == 0 or step == 1:
@@ -199,6 +205,8 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
              "final_lm_loss": round(float(np.mean([h[0] for h in history[-50:]])), 4),
              "final_vm_loss": round(float(np.mean([h[1] for h in history[-50:]])), 5),
              "probe": probe(model, probe_batch)}
+    if emas:
+        stats["ema"] = {d: shadow for d, shadow in emas.items()}
     return model, tokenizer, stats
 
 
@@ -222,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
     p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")
     p.add_argument("--eval-n", type=int, default=72, help="held-out prompts and images to score")
+    p.add_argument("--ema", type=float, action="append", default=[], metavar="DECAY",
+                   help="also evaluate an EMA of the weights with this decay (repeatable)")
+    p.add_argument("--eval-steps", type=int, help="denoising steps at evaluation (recipe: eval_inference_steps)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -247,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         from dreamcore.checkpoint import from_pretrained
 
         model, tokenizer = from_pretrained(args.load)
-        stats = {"loaded": str(args.load)}
+        stats, emas = {"loaded": str(args.load)}, {}
     else:
         model, tokenizer, stats = train(cfg, recipe, log_every=5 if args.speed_only else 50, seed=args.seed,
                                         packing=recipe.packing, pair_mode=recipe.pair_layout,
-                                        creation_lr_mult=args.creation_lr_mult, probe_every=args.probe_every)
+                                        creation_lr_mult=args.creation_lr_mult, probe_every=args.probe_every,
+                                        ema_decays=tuple(args.ema))
+        emas = stats.pop("ema", {})
         print(f"trained: {stats}", flush=True)
     if args.save:
         from dreamcore.checkpoint import save_pretrained
@@ -263,17 +276,33 @@ def main(argv: list[str] | None = None) -> int:
     guidance = args.guidance if args.guidance is not None else recipe.eval_guidance_scale
     n_images = args.eval_n if args.eval_images is None else args.eval_images
     report = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed, guidance_scale=guidance,
-                      num_inference_steps=recipe.eval_inference_steps)
+                      num_inference_steps=args.eval_steps or recipe.eval_inference_steps)
     print(f"evaluated in {time.time() - t:.1f}s (guidance {guidance}):")
     for line in report.lines():
         print("  " + line)
     for s in report.samples or []:
         print("  example:", s)
+    ema_reports = {}
+    for decay, shadow in emas.items():  # the EMA weights, evaluated the same way
+        live = [p.detach().clone() for p in model.trainable_parameters()]
+        with torch.no_grad():
+            for p, e in zip(model.trainable_parameters(), shadow):
+                p.copy_(e)
+        ema_reports[decay] = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed,
+                                      guidance_scale=guidance,
+                                      num_inference_steps=args.eval_steps or recipe.eval_inference_steps)
+        print(f"EMA {decay}:")
+        for line in ema_reports[decay].lines():
+            print("  " + line)
+        with torch.no_grad():
+            for p, e in zip(model.trainable_parameters(), live):
+                p.copy_(e)
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
                                          "recipe": dataclasses.asdict(recipe), "overrides": args.overrides,
                                          "model": to_dict(model.cfg), "train": stats,
-                                         "eval": dataclasses.asdict(report)}, indent=2))
+                                         "eval": dataclasses.asdict(report),
+                                         "eval_ema": {str(d): dataclasses.asdict(r) for d, r in ema_reports.items()}}, indent=2))
     return 0
 
 

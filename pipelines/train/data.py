@@ -115,6 +115,23 @@ def build_dataset(files: list[Path], model: ModelConfig, decode_batch_rows: int)
     )
 
 
+def decoded_size_mib(files: list[Path], model: ModelConfig, sample_rows: int = 4) -> float:
+    """Estimated size of the decoded dataset: total rows x the bytes of a few decoded rows.
+
+    Reads only Parquet footers plus `sample_rows` rows, so it is cheap on any corpus size."""
+    from dreamcore.batch import decode_batch
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if rows == 0:
+        return 0.0
+    first = pq.ParquetFile(files[0])
+    sample = first.read_row_group(0, columns=SAMPLE_SCHEMA.names).slice(0, sample_rows).to_pydict()
+    n = len(sample["input_ids"])
+    decoded = decode_batch(sample, model)
+    per_row = sum(a.nbytes for a in decoded.values()) / max(1, n)
+    return rows * per_row / 2**20
+
+
 def iterate_batches(
     shard: Any,
     micro_batch_size: int,

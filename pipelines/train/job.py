@@ -16,9 +16,9 @@ from typing import Any
 
 from dreamcore.config import ConfigError, save_yaml, to_dict
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import build_dataset, check_data_folder, read_manifest
+from pipelines.train.data import build_dataset, check_data_folder, decoded_size_mib, read_manifest
 from pipelines.train.deepspeed_config import deepspeed_config
-from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.loop import say, train_loop_per_worker
 
 # Environment every worker needs (DeepSpeed picks its accelerator from DS_ACCELERATOR at import).
 WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_DISABLE_PROGRESS_BARS")
@@ -85,6 +85,15 @@ def train(
     if not ray.is_initialized():
         ray.init(address=address, runtime_env={"env_vars": env})
     dataset = build_dataset(files, cfg.model, cfg.data.decode_batch_rows)
+    size = decoded_size_mib(files, cfg.model)
+    if 0 < size <= cfg.data.cache_max_mib:
+        # Small corpus: decode once, keep the blocks (in order) in the object store for all epochs.
+        dataset = dataset.materialize()
+        say(f"[train] decoded dataset cached in the object store: {dataset.count():,} rows, ~{size:.0f} MiB "
+            f"(data.cache_max_mib={cfg.data.cache_max_mib})")
+    else:
+        say(f"[train] streaming the dataset each epoch (~{size:.0f} MiB decoded > data.cache_max_mib="
+            f"{cfg.data.cache_max_mib})")
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the data position of a checkpoint must mean the same rows on resume
 
