@@ -59,7 +59,7 @@ class DataSettings:
     # Keep the DECODED dataset in Ray's object store across epochs when it is at most this many MiB
     # (estimated from the shards' row count and one decoded sample); 0 = always stream. Streaming
     # re-reads and re-decodes every epoch, and each restart costs seconds: 3.5 s per epoch, ~9% of
-    # the demo's 10-minute budget, for a corpus that decodes to 70 MiB.
+    # the demo's 10-minute budget, for a corpus that decodes to ~200 MiB.
     cache_max_mib: int = 1024
 
 
