@@ -107,6 +107,9 @@ class DecoderConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
+    # DDIM's eta: 0 = deterministic DDIM (Stable Diffusion's usual sampler), 1 = fresh noise at
+    # every step, as DDPM's ancestral sampler. Per-image seeded either way.
+    eta: float = 0.0
     condition_drop_prob: float = 0.1  # training: share of conditions replaced by the empty prompt's
     # DreamLLM keeps Stable Diffusion frozen. The tiny preset's pixel-space UNet starts from random
     # init (no pretrained one exists at 16 px), so it trains; a pretrained decoder stays frozen.
@@ -192,6 +195,13 @@ def tiny() -> ModelConfig:
     # same time (bench/quality.py, 31% more CPU per step). Loss weight (vm 30) and weight EMA did not
     # move it.
     cfg.decoder.layers_per_block = 2
+    # Stochastic sampling (eta 1) and milder guidance. Scored on 216 held-out prompts, the shapes of
+    # one trained model (bench/quality.py recipe, 1400 steps) were read right 64.4% of the time
+    # with deterministic DDIM at guidance 3 and 66.2% at 2, and 71.8% with eta 1 at guidance 2. A
+    # second model went from 62.5% to 63.0%. Colour stayed at 100%. Deterministic DDIM turns an
+    # uncertain corner into the mean of a circle and a square.
+    cfg.decoder.eta = 1.0
+    cfg.decoder.guidance_scale = 2.0
     return cfg
 
 

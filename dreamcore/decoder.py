@@ -208,12 +208,14 @@ class DiffusionDecoder(nn.Module):
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         seed: int | list[int] | None = None,
+        eta: float | None = None,
     ) -> torch.Tensor:
         """DDIM + classifier-free guidance -> (K, 3, R, R) images in [0, 1].
 
         cond: (K, Q, C) or (Q, C). uncond: the empty-prompt condition, (Q, C) or (K, Q, C); needed
         when guidance_scale != 1. `seed` (one int, or one per image) draws each image's starting
-        noise from its own CPU generator, so an image does not depend on the batch it was served in.
+        noise, and with eta > 0 its noise at every step, from its own CPU generator, so an image
+        does not depend on the batch it was served in. eta: `decoder.eta` unless given.
         """
         # 1. Check inputs
         if cond.dim() == 2:
@@ -221,13 +223,15 @@ class DiffusionDecoder(nn.Module):
         k = cond.shape[0]
         steps = num_inference_steps or self.cfg.num_inference_steps
         scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        eta = self.cfg.eta if eta is None else float(eta)
         use_cfg = scale != 1.0
         if use_cfg and uncond is None:
             raise ValueError("guidance_scale != 1 needs `uncond` (the empty-prompt dream condition)")
         device, dtype = cond.device, self.unet.dtype
         # 2. Starting noise (on CPU so a seed gives the same image on any device)
         shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
-        x = _initial_noise(k, shape, generator, seed).to(device=device, dtype=dtype)
+        generators = _generators(k, generator, seed)
+        x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=dtype)
         # 3. Conditions: [uncond; cond] in one UNet batch
         enc = cond.to(dtype)
         if use_cfg:
@@ -245,23 +249,27 @@ class DiffusionDecoder(nn.Module):
             if use_cfg:
                 out_u, out_c = out.chunk(2)
                 out = out_u + scale * (out_c - out_u)
-            x = scheduler.step(out, t, x, eta=0.0).prev_sample
+            noise = None
+            if eta > 0:  # each image's step noise from its own generator (batch-independent)
+                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+            x = scheduler.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         # 5. Back to pixels
         return self.to_pixels(x)
 
 
-def _initial_noise(
-    k: int, shape: tuple[int, ...], generator: torch.Generator | None, seed: int | list[int] | None
-) -> torch.Tensor:
+def _generators(
+    k: int, generator: torch.Generator | None, seed: int | list[int] | None
+) -> list[torch.Generator | None]:
+    """One CPU generator per image (all the shared `generator`, or the global RNG, without seeds)."""
     if seed is None:
-        return torch.randn((k, *shape), generator=generator)
+        return [generator] * k
     seeds = [seed] * k if isinstance(seed, int) else list(seed)
     if len(seeds) != k:
         raise ValueError(f"sample: {len(seeds)} seeds for {k} conditions; give one seed per condition")
     # Item i of a batch seeded with the same seed repeated gets seed + i, so the images differ.
     if isinstance(seed, int):
         seeds = [seed + i for i in range(k)]
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

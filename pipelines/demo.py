@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic documents to curate (default: the tiny recipe's corpus size)")
     p.add_argument("--train-minutes", type=float, default=10.0,
                    help="training time budget in minutes (default: 10; the run stops and exports then)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray Train workers (default: the tiny recipe's, at most one per core)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: few documents and steps (what the end-to-end test runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +54,7 @@ def _step(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(output: str | Path, docs: int | None = None, train_minutes: float = 10.0, workers: int = 1,
+def run_demo(output: str | Path, docs: int | None = None, train_minutes: float = 10.0, workers: int | None = None,
              quick: bool = False, seed: int = 0, overrides: list[str] | None = None) -> Path:
     """Run every stage; returns the path of report.html."""
     import ray
@@ -70,6 +71,7 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     docs = docs or synthetic.TINY_RECIPE.num_docs
+    workers = workers or max(1, min(synthetic.TINY_RECIPE.workers, os.cpu_count() or 1))
     if quick:
         docs = min(docs, 24)
 
@@ -104,8 +106,8 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
     recipe = recipe_overrides(synthetic.TINY_RECIPE, workers)
     budget = ["max_steps=20", "micro_batch_size=8", "checkpoint.every_steps=10", "log_every=5"] if quick else [
         f"max_minutes={train_minutes}"]
-    # One worker on a small box: let torch use every core (Ray would give a 0.5-CPU worker one thread;
-    # PNG decode for ingest is cheap next to the step).
+    # The cores are shared out as torch threads (Ray would give a 0.5-CPU worker one thread; PNG
+    # decode for ingest is cheap next to the step, and the decoded corpus is cached after epoch 1).
     threads = [f"scaling.torch_threads={max(1, (os.cpu_count() or 1) // workers)}"]
     cfg = load_train_config("tiny", overrides=[*recipe, *threads, *budget, *(overrides or [])], workers=workers)
     run_dir = out / "run"

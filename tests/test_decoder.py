@@ -123,3 +123,28 @@ def test_missing_or_mismatched_sd_folder_is_a_clear_error(tmp_path):
     wrong = dataclasses.replace(tiny_cfg().decoder, name_or_path=str(tmp_path), cross_attention_dim=32)
     with pytest.raises(ConfigError, match="set decoder.cross_attention_dim=64"):
         DiffusionDecoder.from_pretrained(wrong)
+
+
+def test_stochastic_sampling_is_seeded_per_image():
+    """eta > 0 draws fresh noise at every step, from each image's own generator: the same seed gives
+    the same image in any batch, and the result differs from deterministic DDIM."""
+    dec = _decoder().eval()
+    cond, uncond = _cond(3, 0), _cond(1, 1)[0]
+    a = dec.sample(cond, uncond, num_inference_steps=4, seed=[5, 6, 7], eta=1.0)
+    torch.testing.assert_close(a, dec.sample(cond, uncond, num_inference_steps=4, seed=[5, 6, 7], eta=1.0))
+    alone = dec.sample(cond[2:], uncond, num_inference_steps=4, seed=[7], eta=1.0)
+    torch.testing.assert_close(alone[0], a[2], atol=1e-5, rtol=1e-4)
+    ddim = dec.sample(cond, uncond, num_inference_steps=4, seed=[5, 6, 7], eta=0.0)
+    assert not torch.allclose(a, ddim)
+    dec.cfg = dataclasses.replace(dec.cfg, eta=1.0)  # the config's eta is the default
+    torch.testing.assert_close(a, dec.sample(cond, uncond, num_inference_steps=4, seed=[5, 6, 7]))
+
+
+def test_tiny_preset_samples_stochastically_with_mild_guidance():
+    """Measured on one trained model: eta 1 + guidance 2 read shapes right 71.8% vs 66.2% (config.tiny)."""
+    from dreamcore.config import tiny
+    from dreamcore.synthetic import TINY_RECIPE
+
+    cfg = tiny().decoder
+    assert cfg.eta == 1.0 and cfg.guidance_scale == 2.0
+    assert TINY_RECIPE.eval_guidance_scale == cfg.guidance_scale  # scored as it is served
