@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help="packed rows per step")
     p.add_argument("--docs", type=int, help="corpus size")
     p.add_argument("--pairs", type=float, help="share of one-image documents in the corpus")
-    p.add_argument("--guidance", type=float, help="guidance scale at evaluation")
+    p.add_argument("--guidance", type=float, help="guidance scale at evaluation (default: the model's decoder.guidance_scale)")
     p.add_argument("--packing", choices=["on", "off"],
                    help=f"several documents per row (on) or one (off) (recipe: {TINY_RECIPE.packing})")
     p.add_argument("--no-packing", dest="packing", action="store_const", const="off", help="= --packing off")
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_only:
         return 0
     t = time.time()
-    guidance = args.guidance if args.guidance is not None else recipe.eval_guidance_scale
+    guidance = args.guidance if args.guidance is not None else model.cfg.decoder.guidance_scale
     n_images = args.eval_n if args.eval_images is None else args.eval_images
     report = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed, guidance_scale=guidance,
                       num_inference_steps=args.eval_steps or recipe.eval_inference_steps)

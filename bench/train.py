@@ -4,7 +4,10 @@ Baselines, measured in the same run on the same synthetic shapes data and the sa
   bare    single-process PyTorch loop: DreamLLM + torch AdamW, batches decoded in memory up front
   ray-1   `pipelines.train.train` with 1 Ray Train worker (DeepSpeed ZeRO-2, Ray Data ingest)
   ray-2   the same with 2 workers (data parallel; the global batch doubles)
-Printed: samples/s of each and the ratios ray-1/bare (goal >= 0.9) and ray-2/ray-1 (scaling).
+  ray-1t2 1 worker with 2 torch threads and the doubled micro-batch: ray-2's global batch on the
+          same 2 cores, the other way of using them (the demo's choice: TinyRecipe.workers)
+Printed: samples/s of each and the ratios ray-1/bare (goal >= 0.9), ray-2/ray-1 (scaling) and
+ray-2/ray-1t2 (2 workers x 1 thread against 1 worker x 2 threads at one global batch).
 Both sides use the same number of torch threads (what Ray gives a 1-CPU worker), so the ratio
 measures the framework's overhead, not a thread-count difference. The first `--warmup` steps of
 each are left out. On a GPU machine the 1B-parameter bf16 ZeRO-2 MFU run would be added; this
@@ -124,11 +127,15 @@ def main() -> int:
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
         one = ray_run(data, tmp / "run1", overrides, 1, args.steps, args.warmup, cpus=1.0)
         two = ray_run(data, tmp / "run2", overrides, 2, args.steps, args.warmup, cpus=0.5)
+        threaded = ray_run(data, tmp / "run1t2", [*overrides, f"micro_batch_size={2 * args.micro_batch}",
+                                                  "scaling.torch_threads=2"], 1, args.steps, args.warmup, cpus=1.0)
         ray.shutdown()
     print(f"model: tiny preset; micro-batch {args.micro_batch}; {args.steps} steps, first {args.warmup} left out")
     print(f"bare PyTorch loop (1 process, 1 thread) : {bare:8.2f} samples/s")
     print(f"Ray Train + DeepSpeed, 1 worker         : {one:8.2f} samples/s   ratio vs bare {one / bare:.2f} (goal >= 0.9)")
     print(f"Ray Train + DeepSpeed, 2 workers        : {two:8.2f} samples/s   ratio vs 1 worker {two / one:.2f}")
+    print(f"1 worker x 2 threads, micro-batch {2 * args.micro_batch:<4d}: {threaded:8.2f} samples/s   "
+          f"2 workers x 1 thread vs this (same global batch): {two / threaded:.2f}")
     if torch.cuda.is_available():
         print("GPU present: run the 1B bf16 ZeRO-2 MFU benchmark with `dreamcore train --gpu` (not automated here)")
     else:

@@ -93,6 +93,8 @@ class DiffusionDecoder(nn.Module):
                 f"decoder scheduler prediction_type={self.prediction_type!r} is not supported; "
                 f"use one of {', '.join(PREDICTION_TYPES)}"
             )
+        if not 0.0 <= cfg.eta <= 1.0:
+            raise ConfigError(f"decoder.eta={cfg.eta} is outside [0, 1]; use 0 (deterministic DDIM) to 1 (DDPM-like)")
         self.resolution = cfg.resolution
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         if self.resolution % self.vae_scale:
@@ -224,6 +226,8 @@ class DiffusionDecoder(nn.Module):
         steps = num_inference_steps or self.cfg.num_inference_steps
         scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
         eta = self.cfg.eta if eta is None else float(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"sample: eta={eta} is outside [0, 1] (0 = deterministic DDIM, 1 = DDPM-like)")
         use_cfg = scale != 1.0
         if use_cfg and uncond is None:
             raise ValueError("guidance_scale != 1 needs `uncond` (the empty-prompt dream condition)")
@@ -231,7 +235,7 @@ class DiffusionDecoder(nn.Module):
         # 2. Starting noise (on CPU so a seed gives the same image on any device)
         shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
         generators = _generators(k, generator, seed)
-        x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=dtype)
+        x = _draw(generators, shape).to(device=device, dtype=dtype)
         # 3. Conditions: [uncond; cond] in one UNet batch
         enc = cond.to(dtype)
         if use_cfg:
@@ -249,9 +253,8 @@ class DiffusionDecoder(nn.Module):
             if use_cfg:
                 out_u, out_c = out.chunk(2)
                 out = out_u + scale * (out_c - out_u)
-            noise = None
-            if eta > 0:  # each image's step noise from its own generator (batch-independent)
-                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+            # eta > 0: each image's step noise from its own generator (batch-independent)
+            noise = _draw(generators, shape).to(device, dtype) if eta > 0 else None
             x = scheduler.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         # 5. Back to pixels
         return self.to_pixels(x)
@@ -270,6 +273,11 @@ def _generators(
     if isinstance(seed, int):
         seeds = [seed + i for i in range(k)]
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _draw(generators: list[torch.Generator | None], shape: tuple[int, ...]) -> torch.Tensor:
+    """(K, *shape) standard normal noise, row i from generators[i]."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

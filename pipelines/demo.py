@@ -122,7 +122,6 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
     n_eval = 12 if quick else 2 * len(synthetic.HELDOUT)
     recipe = synthetic.TINY_RECIPE
     scores = synthetic.evaluate(model, tokenizer, num_prompts=n_eval, num_images=n_eval, seed=seed + 1,
-                                guidance_scale=recipe.eval_guidance_scale,
                                 num_inference_steps=recipe.eval_inference_steps)
     del model
     timings["quality_s"] = time.perf_counter() - t0
