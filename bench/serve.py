@@ -64,26 +64,28 @@ def main() -> int:
     # Same thread budget as one replica, else the baseline oversubscribes the cores and looks slow.
     torch.set_num_threads(args.threads)
 
+    from dreamcore.engine import DreamConditions
+    from dreamcore.generate import dream_requests
     from pipelines.serve import load_serve_config, shutdown, start_local
-    from pipelines.serve.engine import DecodeItem, ImageEngine, TextEngine, TextStep
+    from pipelines.serve.replicas import ImageReplica, TextReplica
 
     body = {"prompt": "a red circle", "n": 1, "seed": 1, "num_inference_steps": args.steps}
 
     # 1. In-process baseline: the same engines, no Ray, no HTTP.
-    text, image = TextEngine(ckpt, "cpu"), ImageEngine(ckpt, "cpu")
+    text, image = TextReplica(ckpt, "cpu").engine, ImageReplica(ckpt, "cpu")
 
     def in_process() -> float:
         t = time.perf_counter()
-        r = text.continue_batch([TextStep(parts=[("text", body["prompt"])], max_new_tokens=0, force_dream=True)])[0]
-        image.decode_batch([DecodeItem(r.cond, r.uncond, args.steps, 3.0, 1)])
+        r = text.continue_batch(dream_requests([body["prompt"]], seed=1))[0]
+        image.decode_batch([DreamConditions(r.cond, r.uncond, 1, args.steps, 3.0)])
         return time.perf_counter() - t
 
     in_process()  # warm-up
     base = [in_process() for _ in range(8)]
 
     # 2. Decoder batching: 8 images in one call vs one at a time.
-    r = text.continue_batch([TextStep(parts=[("text", "a blue square")], max_new_tokens=0, force_dream=True)])[0]
-    items = [DecodeItem(r.cond, r.uncond, args.steps, 3.0, s) for s in range(8)]
+    r = text.continue_batch(dream_requests(["a blue square"]))[0]
+    items = [DreamConditions(r.cond, r.uncond, s, args.steps, 3.0) for s in range(8)]
     t = time.perf_counter()
     for it in items:
         image.decode_batch([it])

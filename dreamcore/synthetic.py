@@ -629,22 +629,26 @@ def evaluate(model: Any, tokenizer: Any, num_prompts: int = len(HELDOUT), num_im
     """Score a DreamLLM on held-out combinations: text -> image (colour, shape) and image -> text.
 
     Images are read by `score_image` at the decoder's resolution; captions (greedy) by
-    `score_caption`. Imports dreamcore.generate lazily so this module stays light for the server.
+    `score_caption`. Both go through dreamcore.engine, the engine the served endpoint runs.
+    Imports it lazily so this module stays light for the image server.
     """
     import torch
 
-    from dreamcore.generate import caption_image, text_to_images
+    from dreamcore.engine import TextEngine
+    from dreamcore.generate import caption_images, text_to_images
 
     was_training = model.training
     model.eval()
     samples: list[dict[str, Any]] = []
     with torch.inference_mode():
+        engine = TextEngine(model, tokenizer)
         prompts = heldout_prompts(num_prompts, seed)
         colour_hits = shape_hits = 0
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             images = text_to_images(model, tokenizer, [p for p, _ in chunk], seed=seed + start,
-                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                    engine=engine)
             for (prompt, spec), img in zip(chunk, images):
                 colour, shape = score_image(img)
                 colour_hits += colour == spec.colour
@@ -653,14 +657,16 @@ def evaluate(model: Any, tokenizer: Any, num_prompts: int = len(HELDOUT), num_im
                     samples.append({"prompt": prompt, "read": [colour, shape]})
         cases = heldout_images(num_images, seed)
         both = c_hits = s_hits = 0
-        for img, spec in cases:
-            text = caption_image(model, tokenizer, img, max_new_tokens=16)
-            colour, shape = score_caption(text)
-            c_hits += colour == spec.colour
-            s_hits += shape == spec.shape
-            both += colour == spec.colour and shape == spec.shape
-            if len(samples) < 12:
-                samples.append({"image": spec.name, "caption": text})
+        for start in range(0, len(cases), batch_size):
+            chunk = cases[start:start + batch_size]
+            texts = caption_images(model, tokenizer, [img for img, _ in chunk], max_new_tokens=16, engine=engine)
+            for (_, spec), text in zip(chunk, texts):
+                colour, shape = score_caption(text)
+                c_hits += colour == spec.colour
+                s_hits += shape == spec.shape
+                both += colour == spec.colour and shape == spec.shape
+                if len(samples) < 12:
+                    samples.append({"image": spec.name, "caption": text})
     model.train(was_training)
     n_p, n_i = max(len(prompts), 1), max(len(cases), 1)
     return QualityReport(colour_hits / n_p, shape_hits / n_p, both / n_i, c_hits / n_i, s_hits / n_i,

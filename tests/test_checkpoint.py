@@ -14,7 +14,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 
 from dreamcore.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from dreamcore.config import ConfigError
-from dreamcore.generate import GenerationParams, TextGenerator, text_to_image
+from dreamcore.engine import TextEngine, TextRequest
+from dreamcore.generate import text_to_images
 from dreamcore.model import DreamLLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,12 +46,12 @@ def test_round_trip_gives_identical_outputs(saved):
     assert tok2.content_hash() == tok.content_hash()
     batch = make_batch(model.cfg, tok, INTERLEAVED)
     assert _losses(model, batch) == _losses(loaded, batch)
-    a = text_to_image(model, tok, "a red circle", num_inference_steps=3)
-    b = text_to_image(loaded, tok2, "a red circle", num_inference_steps=3)
+    a = text_to_images(model, tok, ["a red circle"], num_inference_steps=3)[0]
+    b = text_to_images(loaded, tok2, ["a red circle"], num_inference_steps=3)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
-    params = GenerationParams(max_new_tokens=8, temperature=1.0, seed=5)
-    assert (TextGenerator(model, tok, ["a"], params).generate_text().token_ids
-            == TextGenerator(loaded, tok2, ["a"], params).generate_text().token_ids)
+    request = TextRequest(["a"], max_new_tokens=8, temperature=1.0, seed=5)
+    assert (TextEngine(model, tok).continue_batch([request])[0].token_ids
+            == TextEngine(loaded, tok2).continue_batch([request])[0].token_ids)
 
 
 def test_partial_loads_for_the_text_and_image_servers(saved):

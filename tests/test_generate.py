@@ -1,22 +1,25 @@
-"""Interleaved generation: dreams, image feedback, KV cache, limits, determinism, the image side."""
+"""The one engine (dreamcore.engine) and the loops over it (dreamcore.generate).
+
+Sampling rules, the image-room rule, batching that does not change a row, a bad request that fails
+alone, KV-cached decoding equal to full forwards, drawn images fed back, the image side.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from _model_helpers import one_thread, solid_image, tiny_model  # noqa: F401 (fixture)
+from _model_helpers import one_thread, png, solid_image, tiny_model  # noqa: F401 (fixture)
 from PIL import Image
 from torch import nn
 
+from dreamcore.engine import Drawn, DreamConditions, TextEngine, TextRequest, as_rgb, decode_dreams
 from dreamcore.generate import (
-    DreamConditions,
+    Document,
     GenerationParams,
-    TextGenerator,
-    caption_image,
-    decode_dreams,
+    caption_images,
+    dream_requests,
     generate_document,
-    text_to_image,
     text_to_images,
 )
 
@@ -26,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny():
     model, tok = tiny_model(seed=0)
-    return model.eval(), tok
+    model.eval()
+    return model, tok, TextEngine(model, tok)
 
 
 @pytest.fixture(scope="module")
@@ -43,124 +47,177 @@ def dreamer():
         biased.bias.zero_()
         biased.bias[tok.dream_start_id] = 40.0
     model.llm.lm_head = biased
-    return model.eval(), tok
+    model.eval()
+    return model, tok, TextEngine(model, tok)
 
 
 def _images(parts):
     return [p for p in parts if isinstance(p, Image.Image)]
 
 
+def _greedy(n: int, **kw) -> TextRequest:
+    return TextRequest(["a red circle"], max_new_tokens=n, temperature=0.0, **kw)
+
+
 def test_generate_document_draws_an_image_and_feeds_it_back(dreamer):
-    model, tok = dreamer
+    model, tok, engine = dreamer
     params = GenerationParams(max_new_tokens=6, max_images=1, seed=0, num_inference_steps=3)
-    doc = generate_document(model, tok, ["a red circle"], params)
+    doc = generate_document(model, tok, ["a red circle"], params, engine=engine)
     images = _images(doc)
     assert len(images) == 1 and images[0].size == (16, 16)
     assert isinstance(doc[-1], str)  # after the image (max_images reached) text continues
 
-    gen = TextGenerator(model, tok, ["a red circle"], params)
-    seg = gen.generate_text()
-    assert seg.stop_reason == "dream" and seg.dream.cond.shape == (8, 64) and seg.dream.uncond.shape == (8, 64)
+
+def test_document_lays_out_a_drawn_image_with_its_dream_block(dreamer):
+    model, tok, engine = dreamer
+    doc = Document(["a red circle"], GenerationParams(max_new_tokens=6, max_images=1, num_inference_steps=3))
+    res = engine.continue_batch([doc.text_request()])[0]
+    assert res.stop == "dream" and res.cond.shape == (8, 64) and res.uncond.shape == (8, 64)
+    doc.add_text(res)
+    assert doc.wants_image and not doc.finished
+    with pytest.raises(RuntimeError, match="no image is due"):
+        Document(["x"], GenerationParams()).image_request()
+    doc.add_image(decode_dreams(model.decoder, [doc.image_request()])[0])
+    assert isinstance(doc.parts[-1], Drawn)
+    enc = tok.encode_prompt(["a red circle", 0], drawn=[0])
     q, n = model.num_queries, model.num_patches
-    assert gen.context_ids[-(q + 2):] == [tok.dream_start_id, *[tok.im_patch_id] * q, tok.dream_end_id]
-    with pytest.raises(RuntimeError, match="append_image"):
-        gen.generate_text()
-    gen.append_image(decode_dreams(model.decoder, [seg.dream])[0])
-    block = [tok.im_start_id, *[tok.im_patch_id] * n, tok.im_end_id]
-    assert gen.context_ids[-len(block):] == block
-    assert gen.context_ids[-(len(block) + q + 2)] == tok.dream_start_id
-    rest = gen.generate_text()
-    assert rest.finished and rest.dream is None  # max_images=1: no second dream
+    block = [tok.dream_start_id, *[tok.im_patch_id] * q, tok.dream_end_id,
+             tok.im_start_id, *[tok.im_patch_id] * n, tok.im_end_id]
+    assert enc.input_ids[-len(block):] == block
+    assert engine.embed(doc.parts).shape[0] == len(enc.input_ids)
+    rest = engine.continue_batch([doc.text_request()])[0]
+    assert rest.stop != "dream"  # max_images=1: <dream_start> is banned now
+    doc.add_text(rest)
+    assert doc.finished and doc.images == 1
 
 
 def test_fed_back_image_conditions_the_continuation(tiny):
-    model, tok = tiny
-    logits = []
-    for colour in [(250, 0, 0), (0, 0, 250)]:
-        gen = TextGenerator(model, tok, ["a picture"], GenerationParams(seed=0), force_dream=True)
-        gen.generate_text()
-        gen.append_image(solid_image(colour, 16))
-        logits.append(gen._next_logits)
-    assert not torch.allclose(logits[0], logits[1])
+    model, tok, engine = tiny
+    out = [engine.continue_batch([TextRequest(["a picture", Drawn(solid_image(c, 16))], 6, 0.0)])[0].token_ids
+           for c in [(250, 0, 0), (0, 0, 250)]]
+    embeds = [engine.embed(["a picture", Drawn(solid_image(c, 16))]) for c in [(250, 0, 0), (0, 0, 250)]]
+    assert not torch.allclose(embeds[0], embeds[1])
+    assert len(out[0]) == 6
 
 
 def test_prompt_images_become_comprehension_blocks(tiny):
-    model, tok = tiny
+    model, tok, engine = tiny
     red, blue = solid_image((250, 0, 0), 32), solid_image((0, 0, 250), 32)
-    g_red = TextGenerator(model, tok, [red, "what is this"])
-    g_blue = TextGenerator(model, tok, [blue, "what is this"])
+    enc = tok.encode_prompt([0, "what is this"])
     n = model.num_patches
-    assert g_red.context_ids[:n + 3] == [tok.bos_id, tok.im_start_id, *[tok.im_patch_id] * n, tok.im_end_id]
-    assert not torch.allclose(g_red._next_logits, g_blue._next_logits)
+    assert enc.input_ids[:n + 3] == [tok.bos_id, tok.im_start_id, *[tok.im_patch_id] * n, tok.im_end_id]
+    a, b = engine.embed([red, "what is this"]), engine.embed([blue, "what is this"])
+    assert a.shape[0] == len(enc.input_ids) and not torch.allclose(a, b)
 
 
-def test_kv_cache_matches_a_full_forward(tiny):
-    model, tok = tiny
-    gen = TextGenerator(model, tok, ["a red circle"], GenerationParams(max_new_tokens=5, temperature=1.0, seed=2))
-    gen.generate_text()
-    ids = gen.context_ids[:-1] if gen.context_ids[-1] == tok.eos_id else gen.context_ids
+def test_every_image_form_reads_the_same(tiny):
+    """File bytes (over HTTP), PIL and arrays (in-process) are one image to the engine."""
+    model, tok, engine = tiny
+    img = solid_image((30, 200, 40), 24)
+    arr = as_rgb(img, model.cfg.vision.image_size)
+    assert np.array_equal(arr, as_rgb(png(img), model.cfg.vision.image_size))
+    assert np.array_equal(arr, as_rgb(np.asarray(img), model.cfg.vision.image_size))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        as_rgb(np.zeros((4, 4), np.float32), 16)
+
+
+def test_kv_cached_greedy_decoding_equals_full_forwards(tiny):
+    model, tok, engine = tiny
+    res = engine.continue_batch([TextRequest(["a red circle"], 6, 0.0, allow_dream=False)])[0]
+    ids = list(tok.encode_prompt(["a red circle"]).input_ids)
     with torch.no_grad():
-        full = model.llm(input_ids=torch.tensor([ids])).logits[0, -1]
-    # A sampled EOS is not fed, so the last logits always belong to `ids`.
-    torch.testing.assert_close(gen._next_logits, full.float(), atol=1e-4, rtol=1e-4)
-    assert len(ids) > 3
+        for expected in res.token_ids:
+            logits = model.llm(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            logits[engine.banned + [tok.dream_start_id]] = float("-inf")
+            assert int(logits.argmax()) == expected
+            ids.append(expected)
+    assert len(res.token_ids) >= 3
 
 
-def test_generation_is_deterministic_for_a_seed(dreamer, tiny):
-    model, tok = dreamer
-    params = GenerationParams(max_new_tokens=6, max_images=1, seed=4, temperature=1.0, num_inference_steps=3)
-    a = generate_document(model, tok, ["two yellow squares"], params)
-    b = generate_document(model, tok, ["two yellow squares"], params)
-    assert [p for p in a if isinstance(p, str)] == [p for p in b if isinstance(p, str)]
-    assert np.array_equal(np.asarray(_images(a)[0]), np.asarray(_images(b)[0]))
-    text_model, tok2 = tiny
-    texts = {
-        seed: TextGenerator(text_model, tok2, ["a"], GenerationParams(max_new_tokens=12, temperature=1.0,
-                                                                      top_p=1.0, max_images=0, seed=seed))
-        .generate_text().token_ids
-        for seed in (0, 1)
-    }
-    assert texts[0] != texts[1]
+def test_a_row_does_not_depend_on_its_batch(tiny):
+    """Left padding and batch-mates change nothing: the same request alone or in a batch."""
+    _, _, engine = tiny
+    alone = engine.continue_batch([TextRequest(["a red circle"], 8, 1.0, 1.0, seed=3)])[0]
+    batch = engine.continue_batch([
+        TextRequest(["two yellow squares next to a blue circle and more"], 5, 1.0, seed=9),
+        TextRequest(["a red circle"], 8, 1.0, 1.0, seed=3),
+        TextRequest(["a"], 2, 0.0),
+    ])
+    assert batch[1].token_ids == alone.token_ids and batch[1].text == alone.text
+    assert batch[2].new_tokens <= 2
 
 
-def test_limits_are_respected(dreamer, tiny):
-    model, tok = dreamer
-    seg = TextGenerator(model, tok, ["a"], GenerationParams(max_new_tokens=4, max_images=0)).generate_text()
-    assert seg.dream is None and len(seg.token_ids) <= 4  # max_images=0 bans <dream_start>
-    assert seg.stop_reason in ("max_new_tokens", "eos")
-    text_model, tok2 = tiny
-    gen = TextGenerator(text_model, tok2, ["a"], GenerationParams(max_new_tokens=1000, max_images=0, seed=1))
-    out = gen.generate_text()
-    assert out.stop_reason in ("max_seq_len", "eos") and len(gen.context_ids) <= text_model.cfg.max_seq_len
-    with pytest.raises(ValueError, match="max_seq_len"):
-        TextGenerator(text_model, tok2, ["circle " * 400])
+def test_a_prompt_too_long_fails_alone(tiny):
+    model, tok, engine = tiny
+    results = engine.continue_batch([TextRequest(["circle " * 400], 4), _greedy(4)])
+    assert results[0].stop == "error" and "shorten the prompt" in results[0].error
+    assert results[1].error is None and results[1].token_ids == engine.continue_batch([_greedy(4)])[0].token_ids
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        generate_document(model, tok, ["circle " * 400], engine=engine)
+
+
+def test_sampling_is_seeded_and_a_tiny_temperature_is_greedy(tiny):
+    _, _, engine = tiny
+
+    def run(seed, temperature=1.0):
+        return engine.continue_batch([TextRequest(["a"], 12, temperature, 1.0, seed=seed, allow_dream=False)])[0]
+
+    assert run(0).token_ids == run(0).token_ids
+    assert run(0).token_ids != run(1).token_ids
+    assert run(0, 1e-40).token_ids == run(5, 0.0).token_ids  # no NaN probabilities, no crash
+
+
+def test_limits_and_bans(dreamer, tiny):
+    model, tok, engine = dreamer
+    res = engine.continue_batch([TextRequest(["a"], 4, allow_dream=False)])[0]
+    assert res.cond is None and res.new_tokens <= 4 and res.stop in ("length", "eos")
+    text_model, tok2, text_engine = tiny
+    long = text_engine.continue_batch([TextRequest(["a"], 1000, seed=1, allow_dream=False)])[0]
+    assert long.stop in ("length", "eos") and long.prompt_tokens + long.new_tokens <= text_model.cfg.max_seq_len
+    never = {tok2.pad_id, tok2.bos_id, tok2.im_start_id, tok2.im_patch_id, tok2.im_end_id, tok2.dream_end_id}
+    assert not never & set(long.token_ids)
+    # No room for the dream and comprehension blocks: <dream_start> cannot be sampled.
+    k = next(k for k in range(1, 400)
+             if len(tok.encode_prompt(["circle " * k]).input_ids) + engine.image_cost >= engine.max_len)
+    crowded, roomy = engine.continue_batch([TextRequest(["circle " * k], 8), TextRequest(["circle " * (k // 2)], 8)])
+    assert crowded.stop != "dream" and crowded.new_tokens >= 1 and roomy.stop == "dream"
     with pytest.raises(ValueError, match="top_p"):
         GenerationParams(top_p=0.0)
 
 
-def test_text_to_image_and_caption_image(tiny):
-    model, tok = tiny
-    a = text_to_image(model, tok, "a red circle", num_inference_steps=3, seed=1)
-    b = text_to_image(model, tok, "a red circle", num_inference_steps=3, seed=1)
+def test_generation_is_deterministic_for_a_seed(dreamer):
+    model, tok, engine = dreamer
+    params = GenerationParams(max_new_tokens=6, max_images=1, seed=4, temperature=1.0, num_inference_steps=3)
+    a = generate_document(model, tok, ["two yellow squares"], params, engine=engine)
+    b = generate_document(model, tok, ["two yellow squares"], params)  # a fresh engine
+    assert [p for p in a if isinstance(p, str)] == [p for p in b if isinstance(p, str)]
+    assert np.array_equal(np.asarray(_images(a)[0]), np.asarray(_images(b)[0]))
+
+
+def test_text_to_images_and_captions(tiny):
+    model, tok, engine = tiny
+    a = text_to_images(model, tok, ["a red circle"], num_inference_steps=3, seed=1)[0]
+    b = text_to_images(model, tok, ["a red circle"], num_inference_steps=3, seed=1, engine=engine)[0]
     assert a.size == (16, 16) and np.array_equal(np.asarray(a), np.asarray(b))
     batch = text_to_images(model, tok, ["a red circle", "a blue square"], num_inference_steps=3, seed=1)
     assert np.array_equal(np.asarray(batch[0]), np.asarray(a))  # batching does not change an image
-    text = caption_image(model, tok, a, max_new_tokens=5)
-    assert isinstance(text, str) and text == caption_image(model, tok, a, max_new_tokens=5)
+    texts = caption_images(model, tok, [a, batch[1]], max_new_tokens=5, engine=engine)
+    assert texts[0] == caption_images(model, tok, [a], max_new_tokens=5, engine=engine)[0]
+    assert all(isinstance(t, str) for t in texts)
 
 
-def test_dream_conditions_travel_as_plain_data_and_guidance_matters(tiny):
-    model, tok = tiny
-    seg = TextGenerator(model, tok, ["a blue square"], GenerationParams(num_inference_steps=3, seed=3),
-                        force_dream=True).generate_text()
-    dream = seg.dream
-    back = DreamConditions.from_dict(dream.to_dict())
-    torch.testing.assert_close(back.cond, dream.cond)
+def test_dream_conditions_and_guidance(tiny):
+    model, tok, engine = tiny
+    res = engine.continue_batch(dream_requests(["a blue square"], seed=3))[0]
+    assert res.stop == "dream" and res.new_tokens == 1 and res.text == ""
     # The unconditional branch is the empty prompt's condition, not the prompt's.
-    torch.testing.assert_close(dream.uncond, model.empty_prompt_conditions().detach().float())
-    assert not torch.allclose(dream.cond, dream.uncond)
-    g1 = DreamConditions(dream.cond, dream.uncond, 0, 3, 1.0)
-    g5 = DreamConditions(dream.cond, dream.uncond, 0, 3, 5.0)
-    one, five, again = decode_dreams(model.decoder, [g1, g5, back])
-    assert not np.array_equal(np.asarray(one), np.asarray(five))
-    assert np.array_equal(np.asarray(again), np.asarray(decode_dreams(model.decoder, [dream])[0]))
+    torch.testing.assert_close(torch.from_numpy(res.uncond), model.empty_prompt_conditions().detach().float())
+    assert not np.allclose(res.cond, res.uncond)
+    g1 = DreamConditions(res.cond, res.uncond, 0, 3, 1.0)
+    g5 = DreamConditions(res.cond, res.uncond, 0, 3, 5.0)
+    no_cfg = DreamConditions(res.cond, None, 0, 3, 1.0)
+    one, five, plain = decode_dreams(model.decoder, [g1, g5, no_cfg])
+    assert one.dtype == np.uint8 and one.shape == (16, 16, 3)
+    assert not np.array_equal(one, five) and np.array_equal(one, plain)
+    with pytest.raises(ValueError, match="uncond"):
+        decode_dreams(model.decoder, [DreamConditions(res.cond, None, 0, 3, 5.0)])

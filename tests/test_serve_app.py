@@ -29,6 +29,7 @@ from _serve_helpers import make_checkpoint  # noqa: E402
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 KEY = "test-key-0123456789"
+CHECKPOINT: dict[str, Path] = {}  # the served checkpoint's folder, for in-process comparisons
 
 
 def free_port() -> int:
@@ -43,6 +44,7 @@ def served(ray_session, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     ckpt = make_checkpoint(tmp / "ckpt")
+    CHECKPOINT["path"] = ckpt
     key_file = tmp / "api-key"
     key_file.write_text(KEY + "\n")
     cfg = load_serve_config(None, [
@@ -115,6 +117,43 @@ def test_generate_returns_interleaved_document_with_image(served):
     assert doc["finish_reason"] in ("eos", "length", "max_images")
     # Same seed, same document (text sampling and image noise are seeded per request).
     assert post(served, "/v1/generate", {**GEN, "seed": 2})[2]["parts"] == doc["parts"]
+
+
+def test_served_document_equals_the_in_process_one(served, tmp_path_factory):
+    """One engine: the same prompt and seed give the same document over HTTP as from
+    dreamcore.generate in this process, token for token and pixel for pixel (images fed back too)."""
+    import numpy as np
+    import torch
+
+    from dreamcore.checkpoint import from_pretrained
+    from dreamcore.generate import GenerationParams, generate_document, text_to_images
+
+    body = {**GEN, "seed": 2, "guidance_scale": 2.0}
+    status, _, served_doc = post(served, "/v1/generate", body)
+    assert status == 200, served_doc
+    model, tok = from_pretrained(str(CHECKPOINT["path"]))
+    params = GenerationParams(max_new_tokens=GEN["max_new_tokens"], max_images=GEN["max_images"],
+                              temperature=GEN["temperature"], top_p=GEN["top_p"], seed=2,
+                              num_inference_steps=GEN["num_inference_steps"], guidance_scale=2.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a zero-CPU replica runs
+    try:
+        local = generate_document(model.eval(), tok, [GEN["input"]], params)
+        local_images = text_to_images(model, tok, ["a blue square"], num_inference_steps=3, guidance_scale=2.0,
+                                      seed=11)
+    finally:
+        torch.set_num_threads(threads)
+    kinds = [p["type"] for p in served_doc["parts"]]
+    assert kinds == ["image" if isinstance(p, Image.Image) else "text" for p in local]
+    assert kinds.count("image") >= 1, kinds  # the checkpoint is nudged to draw
+    for remote, mine in zip(served_doc["parts"], local):
+        if remote["type"] == "text":
+            assert remote["text"] == mine
+        else:
+            assert np.array_equal(np.asarray(png_image(remote).convert("RGB")), np.asarray(mine))
+    images = post(served, "/v1/images", {"prompt": "a blue square", "n": 1, "seed": 11, "num_inference_steps": 3,
+                                         "guidance_scale": 2.0})[2]["images"]
+    assert np.array_equal(np.asarray(png_image(images[0]).convert("RGB")), np.asarray(local_images[0]))
 
 
 def test_stream_yields_parts_in_order(served):

@@ -2,8 +2,9 @@
 
 Pydantic checks shapes and types (unknown fields are refused); `check_generate` / `check_images`
 then apply the server's limits (`LimitsConfig`) and decode input images, so every refusal is a
-`RequestError` that names the field ("input[1].image") and says what would be accepted. Nothing
-here imports Ray or torch: the models are plain data shared by the ingress and the tests.
+`RequestError` that names the field ("input[1].image") and says what would be accepted. A checked
+/v1/generate request becomes `dreamcore.generate.GenerationParams`, the settings the in-process
+`generate_document` takes too. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from dreamcore.generate import GenerationParams
 from pipelines.serve.config import DefaultsConfig, LimitsConfig
 
 
@@ -133,19 +134,6 @@ class ModelList(BaseModel):
 # Checked requests: what the deployments receive
 
 
-@dataclass
-class Sampling:
-    """Resolved per-request sampling settings (request value, else server default)."""
-
-    max_new_tokens: int
-    max_images: int
-    temperature: float
-    top_p: float
-    seed: int
-    guidance_scale: float
-    num_inference_steps: int
-
-
 def decode_image(data: str, field: str, limits: LimitsConfig) -> bytes:
     """base64 -> PNG/JPEG bytes that PIL can read, within the byte and pixel caps; else RequestError."""
     if data.startswith("data:"):
@@ -189,7 +177,7 @@ def _sampling(req: SamplingFields, limits: LimitsConfig, defaults: DefaultsConfi
 def check_generate(
     req: GenerateRequest, limits: LimitsConfig, defaults: DefaultsConfig, model_steps: int,
     model_guidance: float, seed: int,
-) -> tuple[list[str | bytes], Sampling]:
+) -> tuple[list[str | bytes], GenerationParams]:
     """Validate a /v1/generate request against the limits: (prompt parts, sampling) or RequestError.
 
     Prompt parts are text (`str`) and image file bytes (`bytes`), in the request's order.
@@ -216,14 +204,14 @@ def check_generate(
     max_images = defaults.max_images if req.max_images is None else req.max_images
     if max_images > limits.max_images:
         raise RequestError("max_images", f"{max_images} is more than the limit {limits.max_images}")
-    sampling = Sampling(
+    params = GenerationParams(
         max_new_tokens=max_new,
         max_images=max_images,
         temperature=defaults.temperature if req.temperature is None else req.temperature,
         top_p=req.top_p or defaults.top_p,
         **_sampling(req, limits, defaults, model_steps, model_guidance, seed),
     )
-    return parts, sampling
+    return parts, params
 
 
 def check_images(

@@ -33,6 +33,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from dreamcore.engine import DreamConditions, TextRequest, TextResult
+from dreamcore.generate import Document, GenerationParams, dream_requests
 from pipelines.serve.api import (
     GenerateRequest,
     GenerateResponse,
@@ -40,13 +42,12 @@ from pipelines.serve.api import (
     ImagesResponse,
     ModelList,
     RequestError,
-    Sampling,
     check_generate,
     check_images,
     validation_error_body,
 )
 from pipelines.serve.config import ServeConfig
-from pipelines.serve.engine import DecodedImage, DecodeItem, ImageEngine, TextEngine, TextResult, TextStep
+from pipelines.serve.replicas import DecodedImage, ImageReplica, TextReplica
 
 log = logging.getLogger("ray.serve")
 
@@ -61,18 +62,18 @@ class LLMServer:
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01) -> None:
-        self.engine = TextEngine(checkpoint, device)
+        self.replica = TextReplica(checkpoint, device)
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # recent batch sizes: lets tests and benches see batching
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, steps: list[TextStep]) -> list[TextResult]:
-        self.batch_sizes = [*self.batch_sizes[-99:], len(steps)]
-        return await asyncio.to_thread(self.engine.continue_batch, steps)
+    async def generate(self, requests: list[TextRequest]) -> list[TextResult]:
+        self.batch_sizes = [*self.batch_sizes[-99:], len(requests)]
+        return await asyncio.to_thread(self.replica.engine.continue_batch, requests)
 
     def info(self) -> dict[str, Any]:
-        return {**self.engine.info(), "pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
+        return {**self.replica.info(), "pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
 
 
 @serve.deployment
@@ -81,18 +82,18 @@ class ImageDecoder:
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.02) -> None:
-        self.engine = ImageEngine(checkpoint, device)
+        self.replica = ImageReplica(checkpoint, device)
         self.decode.set_max_batch_size(max_batch_size)
         self.decode.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def decode(self, items: list[DecodeItem]) -> list[DecodedImage]:
-        self.batch_sizes = [*self.batch_sizes[-99:], len(items)]
-        return await asyncio.to_thread(self.engine.decode_batch, items)
+    async def decode(self, dreams: list[DreamConditions]) -> list[DecodedImage]:
+        self.batch_sizes = [*self.batch_sizes[-99:], len(dreams)]
+        return await asyncio.to_thread(self.replica.decode_batch, dreams)
 
     def info(self) -> dict[str, Any]:
-        return {**self.engine.info(), "pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
+        return {**self.replica.info(), "pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,6 +142,11 @@ def _is_loopback(host: str | None) -> bool:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _image_part(img: DecodedImage) -> dict[str, Any]:
+    return {"type": "image", "image": base64.b64encode(img.png).decode(), "seed": img.seed,
+            "width": img.width, "height": img.height}
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -226,65 +232,53 @@ class Ingress:
         """Continue an interleaved prompt; images appear where the model emits <dream_start>."""
         self._authorize(request)
         info = await self._model_info()
-        parts, sampling = check_generate(
+        parts, params = check_generate(
             body, self.cfg.limits, self.cfg.defaults, info["num_inference_steps"], info["guidance_scale"],
             seed=secrets.randbelow(2**31),
         )
         rid = f"gen-{uuid.uuid4().hex[:16]}"
         if body.stream:
-            return StreamingResponse(self._stream(rid, info["id"], parts, sampling),
+            return StreamingResponse(self._stream(rid, info["id"], parts, params),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         out: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
-        async for kind, data in self._document(parts, sampling):
+        async for kind, data in self._document(parts, params):
             if kind == "part":
                 out.append(data)
             else:
                 summary = data
         return {"id": rid, "model": info["id"], "parts": out, **summary}
 
-    async def _stream(self, rid: str, model: str, parts: list[str | bytes], sampling: Sampling
+    async def _stream(self, rid: str, model: str, parts: list[str | bytes], params: GenerationParams
                       ) -> AsyncIterator[bytes]:
         try:
-            async for kind, data in self._document(parts, sampling):
+            async for kind, data in self._document(parts, params):
                 yield _sse(kind, {"id": rid, "model": model, **data} if kind == "done" else data)
         except RequestError as e:  # headers are already sent: report in-band, then end the stream
             yield _sse("error", {"status": e.status, "message": str(e)})
 
-    async def _document(self, prompt: list[str | bytes], s: Sampling) -> AsyncIterator[tuple[str, dict]]:
-        """The interleaved loop: LLM until <dream_start>/EOS, decode the image, feed it back, repeat."""
-        doc: list[tuple[str, str | bytes]] = [("text", p) if isinstance(p, str) else ("image", p) for p in prompt]
-        budget, n_images, prompt_tokens, completion = s.max_new_tokens, 0, None, 0
-        finish = "length"
-        for round_ in range(s.max_images + 1):
-            step = TextStep(parts=list(doc), max_new_tokens=budget, temperature=s.temperature, top_p=s.top_p,
-                            seed=s.seed + 1000 * round_, allow_dream=n_images < s.max_images)
-            res: TextResult = await self._call(self.llm.generate.remote(step))
-            prompt_tokens = res.prompt_tokens if prompt_tokens is None else prompt_tokens
-            completion += res.new_tokens
-            budget -= res.new_tokens
-            if res.text:
-                doc.append(("text", res.text))
-                yield "part", {"type": "text", "text": res.text}
-            if res.stop != "dream":
-                finish = res.stop
-                break
-            img: DecodedImage = await self._call(self.decoder.decode.remote(DecodeItem(
-                cond=res.cond, uncond=res.uncond, num_inference_steps=s.num_inference_steps,
-                guidance_scale=s.guidance_scale, seed=s.seed + n_images)))
-            n_images += 1
-            doc.append(("generated", img.png))
-            yield "part", {"type": "image", "image": base64.b64encode(img.png).decode(), "seed": img.seed,
-                           "width": img.width, "height": img.height}
-            if budget <= 0:
-                finish = "length"
-                break
-        else:
-            finish = "max_images"
-        yield "done", {"finish_reason": finish,
-                       "usage": {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion,
-                                 "images": n_images}}
+    async def _text(self, request: TextRequest) -> TextResult:
+        res: TextResult = await self._call(self.llm.generate.remote(request))
+        if res.error is not None:
+            raise RequestError("input", res.error, 413)
+        return res
+
+    async def _document(self, prompt: list[str | bytes], params: GenerationParams
+                        ) -> AsyncIterator[tuple[str, dict]]:
+        """dreamcore.generate.Document driven over the two deployments (as generate_document in-process)."""
+        doc = Document(prompt, params)
+        while not doc.finished:
+            text = doc.add_text(await self._text(doc.text_request()))
+            if text:
+                yield "part", {"type": "text", "text": text}
+            if doc.wants_image:
+                img: DecodedImage = await self._call(self.decoder.decode.remote(doc.image_request()))
+                doc.add_image(img.png)
+                yield "part", _image_part(img)
+        yield "done", {"finish_reason": doc.finish_reason,
+                       "usage": {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens,
+                                 "images": doc.images}}
 
     @app.post("/v1/images", response_model=ImagesResponse)
     async def images(self, body: ImagesRequest, request: Request) -> dict[str, Any]:
@@ -293,17 +287,14 @@ class Ingress:
         info = await self._model_info()
         prompt, n, sp = check_images(body, self.cfg.limits, self.cfg.defaults, info["num_inference_steps"],
                                      info["guidance_scale"], seed=secrets.randbelow(2**31))
-        step = TextStep(parts=[("text", prompt)], max_new_tokens=0, temperature=0.0, top_p=1.0,
-                        seed=sp["seed"], force_dream=True)
-        res: TextResult = await self._call(self.llm.generate.remote(step))
+        res = await self._text(dream_requests([prompt], sp["seed"])[0])
         # The n images go out together so the decoder batches them into shared UNet calls.
-        calls = [self.decoder.decode.remote(DecodeItem(
-            cond=res.cond, uncond=res.uncond, num_inference_steps=sp["num_inference_steps"],
-            guidance_scale=sp["guidance_scale"], seed=sp["seed"] + i)) for i in range(n)]
+        calls = [self.decoder.decode.remote(DreamConditions(
+            res.cond, res.uncond, sp["seed"] + i, sp["num_inference_steps"], sp["guidance_scale"]))
+            for i in range(n)]
         decoded: list[DecodedImage] = [await self._call(c) for c in calls]
-        return {"id": f"img-{uuid.uuid4().hex[:16]}", "model": info["id"], "images": [
-            {"type": "image", "image": base64.b64encode(d.png).decode(), "seed": d.seed, "width": d.width,
-             "height": d.height} for d in decoded]}
+        return {"id": f"img-{uuid.uuid4().hex[:16]}", "model": info["id"],
+                "images": [_image_part(d) for d in decoded]}
 
     @app.get("/v1/stats", include_in_schema=False)
     async def stats(self, request: Request) -> dict[str, Any]:

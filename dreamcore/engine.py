@@ -1,0 +1,319 @@
+"""The one generation engine: batched, stateless text continuation and the image side.
+
+Every generated token in dreamcore comes from `TextEngine.continue_batch` and every generated image
+from `decode_dreams`: the served endpoint (pipelines/serve wraps both in Ray Serve deployments), the
+in-process loops of dreamcore/generate.py and the demo's held-out scoring all call them, so the
+figures the demo reports measure the path users call.
+
+Text side (needs llm + vision + projectors). `continue_batch(requests)` continues B documents at
+once. Each request carries the document so far (text, given images, images the model drew); it is
+laid out as in training (`DreamTokenizer.encode_prompt`: a drawn image keeps its dream block before
+its comprehension block), the B sequences are left-padded into one batch and prefilled, and tokens
+are sampled with a KV cache until every row stopped at `<dream_start>`, EOS or a limit. Rows that
+stopped at `<dream_start>` get their dream conditions from one more batched forward (prefix +
+`<dream_start>` + Q dream queries -> last hidden states -> `cond_proj`). Nothing is kept between
+calls, so any replica can continue any document. A request that cannot run (a prompt longer than
+the context) gets a result with `error` set; its batch-mates run as if it were not there.
+
+Image side (needs only the decoder). `decode_dreams(decoder, dreams)` draws one image per
+`DreamConditions`; dreams with equal sampler settings share one DDIM batch, and each image's noise
+comes from its own seed, so an image does not depend on the batch it was drawn in.
+
+Rules that exist once, here:
+- sampling: temperature (<= 0 greedy) and top-p, one seeded CPU generator per request;
+- never sampled: pad, BOS and the block/slot tokens (`<im_start> <im_patch> <im_end> <dream_end>`);
+- room for an image: `<dream_start>` may be sampled only while the request allows another image
+  and the dream and comprehension blocks still fit in the context with a token to spare;
+- `max_new_tokens` counts sampled tokens, the stop token included;
+- images are brought to the vision encoder's resolution by `as_rgb` (PIL bicubic) whatever form
+  they come in (file bytes, PIL, uint8 array).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreamcore.decoder import DiffusionDecoder
+from dreamcore.model import DreamLLM
+
+ImageLike = bytes | Image.Image | np.ndarray
+
+
+@dataclass
+class Drawn:
+    """An image the model generated earlier in the document (laid out with its dream block)."""
+
+    image: ImageLike
+
+
+DocPart = str | ImageLike | Drawn
+
+
+@dataclass
+class TextRequest:
+    """Continue one document. `parts`: text, given images, and `Drawn` images, in order."""
+
+    parts: list[DocPart]
+    max_new_tokens: int
+    temperature: float = 0.8  # <= 0: greedy
+    top_p: float = 0.95
+    seed: int = 0
+    allow_dream: bool = True  # False once the document's image budget is spent
+    force_dream: bool = False  # text-to-image: `<dream_start>` right after the prompt, no sampling
+
+
+@dataclass
+class DreamConditions:
+    """What the image side needs to draw one image: plain arrays, picklable across replicas."""
+
+    cond: np.ndarray  # (Q, C) float32: the LLM's states at the query slots, projected
+    uncond: np.ndarray | None  # (Q, C) the empty prompt's (classifier-free guidance); None: no CFG
+    seed: int
+    num_inference_steps: int | None = None  # None: the decoder config's
+    guidance_scale: float | None = None
+
+
+@dataclass
+class TextResult:
+    text: str
+    stop: str  # "dream" | "eos" | "length" | "error"
+    prompt_tokens: int
+    new_tokens: int  # sampled tokens, the stop token included
+    token_ids: list[int] = field(default_factory=list)  # sampled text tokens (no stop token)
+    cond: np.ndarray | None = None  # (Q, C) when stop == "dream"
+    uncond: np.ndarray | None = None  # (Q, C)
+    error: str | None = None  # why this request could not run (its batch-mates are unaffected)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (with its image blocks) leaves no room to continue in the model's context."""
+
+
+def as_rgb(image: ImageLike, size: int) -> np.ndarray:
+    """Image file bytes / PIL / (H, W, 3) uint8 -> (size, size, 3) uint8 (PIL bicubic when resized)."""
+    if isinstance(image, bytes | bytearray):
+        with Image.open(io.BytesIO(image)) as im:
+            pil = im.convert("RGB")
+    elif isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        a = np.asarray(image)
+        if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {a.dtype} {a.shape}")
+        if a.shape[:2] == (size, size):
+            return a
+        pil = Image.fromarray(a)
+    if pil.size != (size, size):
+        pil = pil.resize((size, size), Image.BICUBIC)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+@dataclass
+class _Row:
+    """One request in a batch: its embeddings and what it has produced so far."""
+
+    req: TextRequest
+    embeds: torch.Tensor  # (L, D) prompt embeddings, slots filled
+    budget: int  # tokens this row may sample
+    generator: torch.Generator
+    new_ids: list[int] = field(default_factory=list)
+    stop: str | None = None
+
+
+class TextEngine:
+    """DreamLLM's text side: batched continuation and dream conditions (see the module docstring)."""
+
+    def __init__(self, model: DreamLLM, tokenizer: Any) -> None:
+        model._require("llm", "vision", "vision_proj", "dream_queries", "cond_proj")
+        self.model, self.tok = model, tokenizer
+        self.device = model.dream_queries.device
+        self.max_len = min(model.cfg.max_seq_len, model.llm.config.max_position_embeddings)
+        self.image_cost = tokenizer.dream_block_len + tokenizer.image_block_len
+        t = tokenizer
+        self.banned = [i for i in (t.pad_id, t.bos_id, t.im_start_id, t.im_patch_id, t.im_end_id, t.dream_end_id)
+                       if i is not None]
+        with torch.inference_mode():
+            # The empty prompt's condition is the same for every request: compute it once.
+            self.uncond = model.empty_prompt_conditions().float().cpu().numpy()  # (Q, C)
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def embed(self, parts: Sequence[DocPart]) -> torch.Tensor:
+        """Document parts -> (L, D) embeddings with query and patch slots filled."""
+        t, size = self.tok, self.model.cfg.vision.image_size
+        prompt: list[str | int] = []
+        drawn: list[int] = []
+        images: list[np.ndarray] = []
+        for part in parts:
+            if isinstance(part, str):
+                prompt.append(part)
+                continue
+            if isinstance(part, Drawn):
+                drawn.append(len(images))
+                part = part.image
+            prompt.append(len(images))
+            images.append(as_rgb(part, size))
+        enc = t.encode_prompt(prompt, drawn=drawn)
+        embeds = self.model.embed_tokens(torch.tensor(enc.input_ids, device=self.device))  # (L, D)
+        for start in (s for s in enc.dream_slots if s >= 0):
+            embeds[start:start + t.num_dream_queries] = self.model.dream_queries.to(embeds.dtype)
+        if images:
+            feats = self.model.encode_images(torch.from_numpy(np.stack(images)).to(self.device))  # (K, N, D)
+            for start, f in zip(enc.image_slots, feats):
+                embeds[start:start + t.num_image_tokens] = f.to(embeds.dtype)
+        return embeds
+
+    def _forward(self, seqs: list[torch.Tensor], past: Any = None, mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Left-padded batched forward of (L_i, D) sequences -> (hidden (B, L, D), cache, mask, positions)."""
+        if past is None:
+            L, D = max(s.shape[0] for s in seqs), seqs[0].shape[1]
+            x = torch.zeros(len(seqs), L, D, dtype=seqs[0].dtype, device=self.device)
+            mask = torch.zeros(len(seqs), L, dtype=torch.long, device=self.device)
+            for i, s in enumerate(seqs):
+                x[i, L - s.shape[0]:] = s
+                mask[i, L - s.shape[0]:] = 1
+            positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+        else:
+            x = torch.stack(seqs)  # (B, 1, D)
+        out = self.model.hidden_states(x, mask, position_ids=positions, cache=past, use_cache=True)
+        return out.last_hidden_state, out.cache, mask, positions  # transformers 5: `cache`
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def _room_for_image(self, row: _Row) -> bool:
+        used = row.embeds.shape[0] + len(row.new_ids)
+        return used + self.image_cost < self.max_len
+
+    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+        """One token from (V,) logits under the row's rules (bans, image room, temperature, top-p)."""
+        lg = logits.float().clone()
+        lg[self.banned] = float("-inf")
+        if not row.req.allow_dream or not self._room_for_image(row):
+            lg[self.tok.dream_start_id] = float("-inf")
+        if row.req.temperature <= 0:
+            return int(lg.argmax())
+        probs = torch.softmax(lg.double() / row.req.temperature, dim=-1).cpu()
+        if not torch.isfinite(probs).all():  # a temperature so small it overflows: the limit is greedy
+            return int(lg.argmax())
+        if row.req.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < row.req.top_p  # smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    @torch.inference_mode()
+    def continue_batch(self, requests: Sequence[TextRequest]) -> list[TextResult]:
+        """Continue every document of the batch; results in the order of `requests`."""
+        # 1. Lay out and embed each document; a prompt the context cannot hold fails alone.
+        rows: list[_Row | None] = []
+        errors: dict[int, str] = {}
+        for i, req in enumerate(requests):
+            try:
+                rows.append(self._row(req))
+            except (PromptTooLongError, ValueError, OSError) as e:
+                rows.append(None)
+                errors[i] = str(e)
+        live = [r for r in rows if r is not None and r.stop is None]
+
+        # 2. Prefill the running rows at once, then one token per step until all have stopped.
+        if live:
+            self._decode_tokens(live)
+
+        # 3. Dream conditions for the rows that stopped at <dream_start>, in one batched forward.
+        dreamers = [r for r in rows if r is not None and r.stop == "dream"]
+        cond_of = dict(zip(map(id, dreamers), self._conditions(dreamers))) if dreamers else {}
+        out = []
+        for i, r in enumerate(rows):
+            if r is None:
+                out.append(TextResult("", "error", 0, 0, error=errors[i]))
+                continue
+            text_ids = [x for x in r.new_ids if x not in (self.tok.eos_id, self.tok.dream_start_id)]
+            cond = cond_of.get(id(r))
+            out.append(TextResult(self.tok.decode(text_ids), r.stop or "length", r.embeds.shape[0],
+                                  len(r.new_ids), text_ids, cond, self.uncond if cond is not None else None))
+        return out
+
+    def _row(self, req: TextRequest) -> _Row:
+        embeds = self.embed(req.parts)
+        room = self.max_len - embeds.shape[0]
+        if room < (self.tok.dream_block_len if req.force_dream else 1):
+            raise PromptTooLongError(
+                f"the prompt is {embeds.shape[0]} tokens with its images; this model takes at most "
+                f"{self.max_len} (shorten the prompt or send fewer images)")
+        row = _Row(req, embeds, min(req.max_new_tokens, room), torch.Generator().manual_seed(int(req.seed)))
+        if req.force_dream:
+            row.new_ids, row.stop = [self.tok.dream_start_id], "dream"
+        elif row.budget <= 0:
+            row.stop = "length"
+        return row
+
+    def _decode_tokens(self, rows: list[_Row]) -> None:
+        t = self.tok
+        lm_head = self.model.llm.get_output_embeddings()
+        h, past, mask, pos = self._forward([r.embeds for r in rows])
+        while True:
+            logits = lm_head(h[:, -1])  # (B, V)
+            next_ids = []
+            for i, r in enumerate(rows):
+                if r.stop is not None:
+                    next_ids.append(t.pad_id)
+                    continue
+                tok = self._sample(logits[i], r)
+                r.new_ids.append(tok)
+                if tok == t.dream_start_id:
+                    r.stop = "dream"
+                elif tok == t.eos_id:
+                    r.stop = "eos"
+                elif len(r.new_ids) >= r.budget:
+                    r.stop = "length"
+                next_ids.append(tok)
+            if all(r.stop is not None for r in rows):
+                return
+            ids = torch.tensor(next_ids, device=self.device).view(-1, 1)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            pos = pos[:, -1:] + 1
+            h, past, _, _ = self._forward(list(self.model.embed_tokens(ids)), past, mask, pos)
+
+    def _conditions(self, rows: list[_Row]) -> list[np.ndarray]:
+        """(Q, C) condition per row: prefix + sampled tokens (ending in <dream_start>) + dream queries."""
+        m = self.model
+        seqs = []
+        for r in rows:  # new_ids ends with <dream_start>
+            tail = m.embed_tokens(torch.tensor(r.new_ids, device=self.device))
+            seqs.append(torch.cat([r.embeds, tail, m.dream_queries.to(r.embeds.dtype)]))
+        h, _, _, _ = self._forward(seqs)
+        q = self.tok.num_dream_queries
+        cond = m.cond_proj(h[:, -q:].to(m.cond_proj.weight.dtype))  # (B, Q, C)
+        return list(cond.float().cpu().numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# Image side
+
+
+@torch.inference_mode()
+def decode_dreams(decoder: DiffusionDecoder, dreams: Sequence[DreamConditions]) -> list[np.ndarray]:
+    """One (R, R, 3) uint8 image per DreamConditions, in order; equal sampler settings share a batch."""
+    device = next(decoder.unet.parameters()).device
+    out: list[np.ndarray | None] = [None] * len(dreams)
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, d in enumerate(dreams):
+        groups.setdefault((d.num_inference_steps, d.guidance_scale), []).append(i)
+    for (steps, scale), idx in groups.items():
+        cond = torch.from_numpy(np.stack([dreams[i].cond for i in idx])).to(device)  # (K, Q, C)
+        uncond = None
+        if all(dreams[i].uncond is not None for i in idx):
+            uncond = torch.from_numpy(np.stack([dreams[i].uncond for i in idx])).to(device)
+        images = decoder.sample(cond, uncond, steps, scale, seed=[dreams[i].seed for i in idx])  # (K, 3, R, R)
+        pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for i, a in zip(idx, pixels):
+            out[i] = np.ascontiguousarray(a)
+    return out  # type: ignore[return-value]
