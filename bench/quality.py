@@ -1,13 +1,14 @@
 """Does the tiny preset learn? Train it in-process on the shapes world, then score held-out cases.
 
-The experiment loop behind `dreamcore.synthetic.TINY_RECIPE`: the same data path as curation
-(MMC4 corpus -> tokenizer.interleave -> encode_document -> pack -> PNG rows -> batch.decode_batch),
-plain PyTorch AdamW with warmup + cosine, a wall-clock and a step budget, then
-`dreamcore.synthetic.evaluate` (held-out prompts -> images -> scorer; held-out images -> captions).
+The experiment loop behind `pipelines.recipe.shapes_tiny` (the recipe the demo trains): the data
+laid out by curation's own Ray-free code (readers.mmc4_record -> tokenize.encode_doc ->
+tokenize.pack_docs -> batch.decode_batch, with rendered PNGs in place of the crawl), plain PyTorch
+AdamW with the recipe's warmup + cosine for its number of steps, then `dreamcore.synthetic.evaluate`
+(held-out prompts -> images -> scorer; held-out images -> captions, through the serving engine).
 Every figure is printed beside its chance level (the named baseline), plus steps/s so a run on a
 busy machine can be converted to the quiet-machine budget.
 
-    .venv/bin/python bench/quality.py                       # the recipe: up to 10 min of training
+    .venv/bin/python bench/quality.py                       # the recipe (1500 steps)
     .venv/bin/python bench/quality.py --steps 300 --set decoder.resolution=32 --lr 2e-3
     .venv/bin/python bench/quality.py --speed-only          # steps/s of the recipe, no training run
 
@@ -32,59 +33,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamcore.batch import decode_batch, to_torch, trim_padding  # noqa: E402, trim_padding
-from dreamcore.config import ModelConfig, load_config, tiny, to_dict  # noqa: E402
+from dreamcore.config import ModelConfig, load_config, to_dict  # noqa: E402
 from dreamcore.model import DreamLLM  # noqa: E402
-from dreamcore.synthetic import TINY_RECIPE, TinyRecipe, evaluate, make_corpus, render_png  # noqa: E402
-from dreamcore.tokenizer import DreamTokenizer, interleave  # noqa: E402
+from dreamcore.synthetic import evaluate, make_corpus, render_png  # noqa: E402
+from dreamcore.tokenizer import DreamTokenizer  # noqa: E402
+from pipelines.curate.readers import mmc4_record  # noqa: E402
+from pipelines.curate.tokenize import encode_doc, pack_docs  # noqa: E402
+from pipelines.recipe import Recipe, shapes_tiny  # noqa: E402
 
 
-def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, packing: bool = True,
-               pair_mode: str = "interleaved") -> dict[str, np.ndarray]:
-    """The whole corpus as one decoded batch dict (N rows), exactly as curation + decode_batch make it.
+def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, packing: str = "truncate",
+               pair_layout: str = "pairs") -> dict[str, np.ndarray]:
+    """The whole corpus as one decoded batch dict (N rows), laid out by curation's tokenize stage.
 
-    pair_mode (layout of one-image documents, DreamLLM's pair data): "interleaved" (as MMC4);
-    "text-to-image": a creation pair (describing sentence as context, then the dream block; the
-    caption left out); "both": that creation pair AND a comprehension pair (image, then its caption
-    as target: "image-to-text"), two training sequences per one-image document.
+    packing / pair_layout: curation's `tokenize.packing` ("pack" | "truncate") and
+    `tokenize.pair_layout` ("interleaved" | "pairs").
     """
-    encoded, owners = [], []
-
-    def add(d: int, doc: dict, parts: list, mode: str) -> None:
-        enc = tokenizer.encode_document(parts, max_len=cfg.max_seq_len, max_images=cfg.images_per_sample,
-                                        mode=mode)
-        if enc.dropped_images:  # a synthetic doc should fit; say so instead of training on less
-            print(f"note: {doc['url']} lost images {enc.dropped_images} to truncation", file=sys.stderr)
-        encoded.append(enc)
-        owners.append(d)
-
-    for d, doc in enumerate(docs):
-        parts, problems = interleave(doc["text_list"], [i["matched_text_index"] for i in doc["image_info"]])
-        if problems:
-            raise ValueError(f"synthetic document {doc['url']}: {problems}")
-        if pair_mode == "interleaved" or len(doc["image_info"]) != 1:
-            add(d, doc, parts, "interleaved")
-            continue
-        m = doc["image_info"][0]["matched_text_index"]
-        add(d, doc, [doc["text_list"][m], 0], "text-to-image")
-        if pair_mode == "both":  # the sentence after the image is its caption (synthetic.make_document)
-            add(d, doc, [0, doc["text_list"][m + 1]], "image-to-text")
-    rows = tokenizer.pack(encoded, cfg.max_seq_len, cfg.images_per_sample, packing=packing)
     res = cfg.image_resolution
-    samples = []
-    for r, row in enumerate(rows):
-        pngs = [render_png(docs[owners[pos]]["image_info"][img]["image_name"][:-4], res) for pos, img in row.images]
-        samples.append(row.to_sample(f"row{r}", pngs))
+    rows = []
+    for d, doc in enumerate(docs):
+        row = mmc4_record(doc, f"doc{d}", "bench")
+        for img, info in zip(row["images"], doc["image_info"]):
+            img["data"] = render_png(info["image_name"][:-4], res)  # what the crawl would have stored
+        rows.append(encode_doc(tokenizer, row, cfg))
+    lost = [(r["url"], i["reason"]) for r in rows for i in r["images"] if i["drop_stage"]]
+    if lost or any(r["drop_stage"] for r in rows):  # a synthetic doc should fit; say so instead of training on less
+        print(f"note: {len(lost)} images dropped by the layout, e.g. {lost[:3]}", file=sys.stderr)
+    samples = pack_docs(tokenizer, rows, cfg, packing=packing == "pack", pair_layout=pair_layout)
     columns = {k: [s[k] for s in samples] for k in samples[0]}
     return decode_batch(columns, cfg)
 
 
-def lr_at(step: int, recipe: TinyRecipe, total: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at `total` steps."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = min(1.0, (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps))
-    floor = recipe.lr * recipe.min_lr_ratio
-    return floor + 0.5 * (recipe.lr - floor) * (1 + math.cos(math.pi * progress))
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps (as the training job's)."""
+    o, total = recipe.train.optim, recipe.train.max_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    floor = o.lr * o.min_lr_ratio
+    return floor + 0.5 * (o.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -131,20 +118,23 @@ def probe(model: DreamLLM, batch: dict, repeats: int = 4, seed: int = 0) -> dict
             "gap": round(wrong - right, 5), "spread": round(spread, 3)}
 
 
-def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int = 0, packing: bool = True,
-          pair_mode: str = "interleaved", creation_lr_mult: float = 1.0, probe_every: int = 0,
-          trim: bool = True, ema_decays: tuple[float, ...] = ()) -> tuple[DreamLLM, DreamTokenizer, dict]:
-    """Train the model in-process until max_steps or max_minutes, whichever comes first.
+def train(recipe: Recipe, log_every: int = 50, seed: int = 0, creation_lr_mult: float = 1.0,
+          probe_every: int = 0, trim: bool = True, ema_decays: tuple[float, ...] = ()
+          ) -> tuple[DreamLLM, DreamTokenizer, dict]:
+    """Train the recipe's model in-process for the recipe's steps, on one process's batches of
+    the recipe's global batch size.
 
     creation_lr_mult: lr multiplier for dream_queries and cond_proj (a second AdamW group).
     ema_decays: keep an exponential moving average of the trained weights per decay; returned in
     stats["ema"] as {decay: state_dict} for evaluation."""
     torch.manual_seed(seed)
     t0 = time.time()
-    docs = make_corpus(recipe.num_docs, recipe.corpus_seed, "http://127.0.0.1:1", recipe.single_image_fraction)
+    cfg, c, optim = recipe.train.model, recipe.corpus, recipe.train.optim
+    batch_size = recipe.train.global_batch_size(recipe.train.scaling.workers)
+    docs = make_corpus(c.num_docs, c.seed, "http://127.0.0.1:1", c.single_image_fraction)
     tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
                                      corpus_texts=[t for d in docs for t in d["text_list"]])
-    data = build_rows(cfg, docs, tokenizer, packing=packing, pair_mode=pair_mode)
+    data = build_rows(cfg, docs, tokenizer, recipe.curate.tokenize.packing, recipe.curate.tokenize.pair_layout)
     n_rows = data["input_ids"].shape[0]
     n_images = int((data["dream_slots"] >= 0).sum())
     print(f"data: {len(docs)} docs -> {n_rows} rows of {cfg.max_seq_len} tokens, {n_images} images "
@@ -160,28 +150,29 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
     groups = [{"params": [p for p in params if id(p) not in special], "lr_mult": 1.0},
               {"params": [p for p in params if id(p) in special], "lr_mult": creation_lr_mult}]
     emas = {d: [p.detach().clone() for p in params] for d in ema_decays}
-    opt = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, recipe.beta2), weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                            weight_decay=optim.weight_decay)
     rng = np.random.default_rng(seed)
     probe_batch = to_torch({k: v[:16] for k, v in data.items()})
     order = rng.permutation(n_rows)
     cursor, step, history = 0, 0, []
     start, cpu_start = time.time(), time.process_time()
-    deadline = start + recipe.max_minutes * 60
-    while step < recipe.max_steps and time.time() < deadline:
-        if cursor + recipe.batch_size > n_rows:
+    while step < recipe.train.max_steps:
+        if cursor + batch_size > n_rows:
             order, cursor = rng.permutation(n_rows), 0
-        idx = order[cursor:cursor + recipe.batch_size]
-        cursor += recipe.batch_size
+        idx = order[cursor:cursor + batch_size]
+        cursor += batch_size
         batch = {k: v[idx] for k, v in data.items()}
         if trim:  # drop the all-padding tail (causal attention: the result is the same, only faster)
             batch = trim_padding(batch)
         batch = to_torch(batch)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe, recipe.max_steps) * group["lr_mult"]
+            group["lr"] = lr_at(step, recipe) * group["lr_mult"]
         out = model(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
         opt.step()
         with torch.no_grad():
             for d, shadow in emas.items():
@@ -211,28 +202,28 @@ def train(cfg: ModelConfig, recipe: TinyRecipe, log_every: int = 50, seed: int =
 
 
 def main(argv: list[str] | None = None) -> int:
+    base = shapes_tiny(workers=1)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="ModelConfig override on the tiny preset, e.g. decoder.resolution=32")
-    p.add_argument("--steps", type=int, help=f"step budget (recipe: {TINY_RECIPE.max_steps})")
-    p.add_argument("--minutes", type=float, help=f"training wall-clock budget (recipe: {TINY_RECIPE.max_minutes})")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch", type=int, help="packed rows per step")
-    p.add_argument("--docs", type=int, help="corpus size")
+                   help="TrainConfig override on the recipe, e.g. model.decoder.resolution=32 or optim.lr=3e-3")
+    p.add_argument("--steps", type=int, help=f"= --set max_steps=N (recipe: {base.train.max_steps})")
+    p.add_argument("--lr", type=float, help=f"= --set optim.lr=X (recipe: {base.train.optim.lr})")
+    p.add_argument("--batch", type=int, help=f"rows per step (recipe: {base.train.micro_batch_size})")
+    p.add_argument("--docs", type=int, help=f"corpus size (recipe: {base.corpus.num_docs})")
     p.add_argument("--pairs", type=float, help="share of one-image documents in the corpus")
     p.add_argument("--guidance", type=float, help="guidance scale at evaluation (default: the model's decoder.guidance_scale)")
-    p.add_argument("--packing", choices=["on", "off"],
-                   help=f"several documents per row (on) or one (off) (recipe: {TINY_RECIPE.packing})")
-    p.add_argument("--no-packing", dest="packing", action="store_const", const="off", help="= --packing off")
-    p.add_argument("--pair-mode", choices=["interleaved", "text-to-image", "both"],
-                   help=f"layout of one-image documents; see build_rows (recipe: {TINY_RECIPE.pair_layout})")
+    p.add_argument("--packing", choices=["pack", "truncate"],
+                   help=f"curation's tokenize.packing (recipe: {base.curate.tokenize.packing})")
+    p.add_argument("--pair-layout", choices=["interleaved", "pairs"],
+                   help=f"curation's tokenize.pair_layout (recipe: {base.curate.tokenize.pair_layout})")
     p.add_argument("--creation-lr-mult", type=float, default=1.0, help="lr multiplier: dream_queries, cond_proj")
     p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
     p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")
-    p.add_argument("--eval-n", type=int, default=72, help="held-out prompts and images to score")
+    p.add_argument("--eval-n", type=int, default=base.eval.num_prompts, help="held-out prompts and images to score")
     p.add_argument("--ema", type=float, action="append", default=[], metavar="DECAY",
                    help="also evaluate an EMA of the weights with this decay (repeatable)")
-    p.add_argument("--eval-steps", type=int, help="denoising steps at evaluation (recipe: eval_inference_steps)")
+    p.add_argument("--eval-steps", type=int, default=base.eval.num_inference_steps,
+                   help=f"denoising steps at evaluation (recipe: {base.eval.num_inference_steps})")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -243,16 +234,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
-    cfg = load_config(tiny(), None, args.overrides)
-    changes = {"max_steps": args.steps, "max_minutes": args.minutes, "lr": args.lr,
-               "batch_size": args.batch, "num_docs": args.docs,
-               "single_image_fraction": args.pairs, "pair_layout": args.pair_mode,
-               "packing": None if args.packing is None else args.packing == "on"}
-    recipe = dataclasses.replace(TINY_RECIPE, **{k: v for k, v in changes.items() if v is not None})
-    if args.speed_only:
-        recipe = dataclasses.replace(recipe, max_steps=25, max_minutes=10, num_docs=min(recipe.num_docs, 200))
-    print(f"recipe: {dataclasses.asdict(recipe)}")
-    print(f"overrides: {args.overrides or 'none'} (threads {args.threads})", flush=True)
+    flags = {"max_steps": 25 if args.speed_only else args.steps, "optim.lr": args.lr, "micro_batch_size": args.batch}
+    train_cfg = load_config(base.train, None, [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    corpus = dataclasses.replace(base.corpus, **{k: v for k, v in {
+        "num_docs": min(base.corpus.num_docs, 200) if args.speed_only else args.docs,
+        "single_image_fraction": args.pairs}.items() if v is not None})
+    curate = base.curate
+    curate.tokenize.packing = args.packing or curate.tokenize.packing
+    curate.tokenize.pair_layout = args.pair_layout or curate.tokenize.pair_layout
+    recipe = dataclasses.replace(base, corpus=corpus, curate=curate, train=train_cfg.validate())
+    print(f"recipe: corpus {dataclasses.asdict(recipe.corpus)}, tokenize {dataclasses.asdict(recipe.curate.tokenize)}, "
+          f"optim {dataclasses.asdict(recipe.train.optim)}, {recipe.train.max_steps} steps of "
+          f"{recipe.train.micro_batch_size} rows (threads {args.threads})", flush=True)
 
     if args.load:
         from dreamcore.checkpoint import from_pretrained
@@ -260,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = from_pretrained(args.load)
         stats, emas = {"loaded": str(args.load)}, {}
     else:
-        model, tokenizer, stats = train(cfg, recipe, log_every=5 if args.speed_only else 50, seed=args.seed,
-                                        packing=recipe.packing, pair_mode=recipe.pair_layout,
+        model, tokenizer, stats = train(recipe, log_every=5 if args.speed_only else 50, seed=args.seed,
                                         creation_lr_mult=args.creation_lr_mult, probe_every=args.probe_every,
                                         ema_decays=tuple(args.ema))
         emas = stats.pop("ema", {})
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     guidance = args.guidance if args.guidance is not None else model.cfg.decoder.guidance_scale
     n_images = args.eval_n if args.eval_images is None else args.eval_images
     report = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed, guidance_scale=guidance,
-                      num_inference_steps=args.eval_steps or recipe.eval_inference_steps)
+                      num_inference_steps=args.eval_steps)
     print(f"evaluated in {time.time() - t:.1f}s (guidance {guidance}):")
     for line in report.lines():
         print("  " + line)
@@ -290,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.copy_(e)
         ema_reports[decay] = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed,
                                       guidance_scale=guidance,
-                                      num_inference_steps=args.eval_steps or recipe.eval_inference_steps)
+                                      num_inference_steps=args.eval_steps)
         print(f"EMA {decay}:")
         for line in ema_reports[decay].lines():
             print("  " + line)
@@ -299,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                 p.copy_(e)
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
-                                         "recipe": dataclasses.asdict(recipe), "overrides": args.overrides,
+                                         "recipe": {"corpus": dataclasses.asdict(recipe.corpus),
+                                                    "tokenize": dataclasses.asdict(recipe.curate.tokenize),
+                                                    "train": to_dict(recipe.train)},
+                                         "overrides": args.overrides,
                                          "model": to_dict(model.cfg), "train": stats,
                                          "eval": dataclasses.asdict(report),
                                          "eval_ema": {str(d): dataclasses.asdict(r) for d, r in ema_reports.items()}}, indent=2))

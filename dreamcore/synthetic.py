@@ -1,4 +1,4 @@
-"""The synthetic "shapes" world: documents, images, captions, a scorer, and the tiny recipe.
+"""The synthetic "shapes" world: documents, images, captions and a scorer.
 
 Why it exists: with no network and no pretrained weights, the embedded default still needs data
 whose content a model can learn in minutes and whose outputs can be scored without a human. Every
@@ -16,8 +16,8 @@ document is MMC4-shaped so the real curation pipeline crawls it over HTTP like a
   (colour = dominant saturated hue; shape = best match of the colour mask against rendered
   templates of each shape with the same area and centroid, at several blur levels).
 - `score_caption(text)`: (colour, shape) named in a sentence.
-- `TINY_RECIPE`: the training recipe (lr, batch, steps, data mix) measured to make the tiny
-  preset learn; the training CLI and bench/quality.py read it.
+- `evaluate(model, tokenizer)`: held-out text -> image and image -> text accuracy, generated
+  by the serving engine. How the tiny preset is trained on this world: `pipelines.recipe`.
 """
 
 from __future__ import annotations
@@ -536,64 +536,7 @@ class ImageServer:
 
 
 # ----------------------------------------------------------------------------------------------
-# The tiny recipe and evaluation
-
-
-@dataclass(frozen=True)
-class TinyRecipe:
-    """How the `tiny` preset is trained on this world (measured with bench/quality.py).
-
-    The Ray Train job and the demo read these values (`pipelines.train.config.recipe_overrides`
-    maps them onto TrainConfig) so that the in-process benchmark and the pipeline train the same
-    way; the model sizes live in `dreamcore.config.tiny()`.
-
-    Measured (bench/quality.py, 72 held-out prompts / images, 2 threads, quiet machine): with one
-    layer per UNet block, 1700 steps (3.6 steps/s) gave text -> image colour 100% (chance 16.7%),
-    shape 61% (chance 33%), captions colour+shape 98.6% (chance 5.6%); with the preset's two
-    layers, 1400 steps (2.7 steps/s, the 10-minute budget): colour 100%, shape 75.0%, captions
-    91.7%. Shape was ~67% on TRAINING combinations too, hence the decoder change.
-    Learning rate, sampled with eta 1 at guidance 2 (config.tiny), scored on 216 held-out prompts
-    and 216 images. lr 1e-3 (1400 and 1600 steps) gave shape 63-72%, captions 94-95% (final
-    denoising MSE 0.040). At 1500 steps, lr 2e-3 gave shape 81.9%, captions 94.0% (MSE 0.036), and
-    lr 3e-3 gave shape 87.5% but captions only 86.6% (MSE 0.028). The decoder, trained from
-    scratch, wanted more than the LLM side does. Scoring samples as serving does (the model's
-    decoder.guidance_scale and eta).
-    Why pairs, unpacked: with the old mix (half interleaved 2-4 image documents, packed rows, 8
-    rows/step) the denoising MSE was the same with right and shuffled conditions (probe gap 1e-5)
-    and conditions barely varied across prompts (spread 0.09). Creation pairs (sentence as context,
-    no LM loss on it) make the gap appear within 200-300 steps; packing the same pairs without a
-    per-document attention mask delays it (gap 0.0007 vs 0.0072 at 400 steps), and adding the
-    interleaved documents stops it (gap 7e-5 at 300 steps; with loss.lm_weight=0 it reappears:
-    0.0026), i.e. their LM loss on the describing sentences competes with the condition path.
-    """
-
-    num_docs: int = 3000  # corpus size (documents); rows after packing are fewer
-    corpus_seed: int = 0
-    single_image_fraction: float = 1.0  # share of one-image documents (text-image pairs)
-    # How one-image documents are laid out (bench/quality.py build_rows): "both" = a creation pair
-    # (sentence as context, then the dream block) AND a comprehension pair (image, then its caption
-    # as target), DreamLLM's pair data; "interleaved" = as an MMC4 document. NOTE: curation
-    # (pipelines/curate/tokenize.py encode_doc) lays out every document as "interleaved" today.
-    pair_layout: str = "both"
-    packing: bool = False  # one sequence per row: packed rows have no per-document attention mask
-    lr: float = 2e-3  # see above: 1e-3 left the decoder short of shape, 3e-3 cost captions
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decay to lr * this at max_steps
-    weight_decay: float = 0.0
-    beta2: float = 0.95  # AdamW betas (0.9, beta2), as pipelines.train's OptimConfig
-    batch_size: int = 64  # rows per step (with packing off: 32 creation + 32 comprehension pairs)
-    # Ray Train workers the demo trains with (data parallel, the batch split between them, one
-    # torch thread each): on 2 cores, 2 workers x 1 thread ran 2.61 steps/s against 2.24 for 1
-    # worker x 2 threads (same data, same global batch; small ops do not scale over threads).
-    # bench/train.py --micro-batch 32 prints the same comparison: 1.35x on its data.
-    workers: int = 2
-    max_steps: int = 1500  # what 10 minutes hold with 2 workers on the 2-core machine: the cosine ends on time
-    max_minutes: float = 10.0  # issue 5's training budget on the 2-core machine
-    grad_clip: float = 1.0
-    eval_inference_steps: int = 50  # DDIM steps when scoring (shape: 64% at 20 steps, 72% at 50)
-
-
-TINY_RECIPE = TinyRecipe()
+# Evaluation
 
 
 @dataclass

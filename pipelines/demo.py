@@ -10,6 +10,7 @@ configuration (real shards, weights by path, a cluster address); the code path i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
+
+from pipelines.recipe import Recipe, shapes_tiny
 
 log = logging.getLogger("dreamcore.demo")
 
@@ -31,11 +34,11 @@ DEMO_PROMPTS = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="demo-output", help="folder for data, run, report (default: demo-output)")
     p.add_argument("--docs", type=int, default=None,
-                   help="synthetic documents to curate (default: the tiny recipe's corpus size)")
-    p.add_argument("--train-minutes", type=float, default=10.0,
-                   help="training time budget in minutes (default: 10; the run stops and exports then)")
+                   help="synthetic documents to curate (default: the recipe's corpus size)")
     p.add_argument("--workers", type=int, default=None,
-                   help="Ray Train workers (default: the tiny recipe's, at most one per core)")
+                   help="Ray Train workers (default: the recipe's, at most one per core)")
+    p.add_argument("--train-minutes", type=float, default=0.0,
+                   help="optional wall-clock cap on training (default: none; the recipe is a number of steps)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: few documents and steps (what the end-to-end test runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -54,35 +57,54 @@ def _step(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(output: str | Path, docs: int | None = None, train_minutes: float = 10.0, workers: int | None = None,
-             quick: bool = False, seed: int = 0, overrides: list[str] | None = None) -> Path:
-    """Run every stage; returns the path of report.html."""
+def demo_recipe(workers: int | None = None, docs: int | None = None, quick: bool = False,
+                train_minutes: float = 0.0, overrides: list[str] | None = None) -> Recipe:
+    """`pipelines.recipe.shapes_tiny` with the demo's flags applied (the one place they apply)."""
+    from dreamcore.config import load_config
+
+    cores = os.cpu_count() or 1
+    recipe = shapes_tiny(workers or min(2, cores))
+    corpus = dataclasses.replace(recipe.corpus, num_docs=docs or recipe.corpus.num_docs)
+    train = recipe.train
+    # The cores are shared out as torch threads (Ray would give a 0.5-CPU worker one thread; PNG
+    # decode for ingest is cheap next to the step, and the decoded corpus is cached after epoch 1).
+    train.scaling.torch_threads = max(1, cores // train.scaling.workers)
+    train.max_minutes = train_minutes
+    if quick:  # 24 documents make 48 pair rows: fewer than one recipe batch
+        corpus = dataclasses.replace(corpus, num_docs=min(corpus.num_docs, 24))
+        train.max_steps, train.micro_batch_size, train.log_every = 20, 8, 5
+        train.checkpoint.every_steps = 10
+    evals = dataclasses.replace(recipe.eval, num_prompts=12, num_images=12) if quick else recipe.eval
+    train = load_config(train, None, overrides or []).validate()
+    return dataclasses.replace(recipe, corpus=corpus, train=train, eval=evals)
+
+
+def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
+             prompts: list[str] | None = None) -> Path:
+    """Run every stage of `recipe` (default: `demo_recipe()`), then serve `prompts` (default:
+    DEMO_PROMPTS); returns the path of report.html."""
     import ray
 
     from dreamcore import synthetic
     from dreamcore.checkpoint import from_pretrained
-    from pipelines.curate.config import embedded
     from pipelines.curate.job import curate
     from pipelines.serve.app import shutdown, start_local
-    from pipelines.train.config import load_train_config, recipe_overrides
     from pipelines.train.job import train
 
+    recipe = recipe or demo_recipe()
+    prompts = DEMO_PROMPTS if prompts is None else prompts
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    docs = docs or synthetic.TINY_RECIPE.num_docs
-    workers = workers or max(1, min(synthetic.TINY_RECIPE.workers, os.cpu_count() or 1))
-    if quick:
-        docs = min(docs, 24)
+    docs, workers = recipe.corpus.num_docs, recipe.train.scaling.workers
 
     with synthetic.ImageServer() as server:
         # 1. The corpus: MMC4-format JSONL whose image URLs point at the loopback image server.
         t0 = _step(1, f"synthetic corpus ({docs} MMC4-format documents, images at {server.base_url})")
         raw = out / "raw"
         raw.mkdir(exist_ok=True)
-        recipe = synthetic.TINY_RECIPE
-        corpus = synthetic.make_corpus(docs, seed=seed, image_base_url=server.base_url,
-                                       single_image_fraction=recipe.single_image_fraction)
+        corpus = synthetic.make_corpus(docs, seed=seed + recipe.corpus.seed, image_base_url=server.base_url,
+                                       single_image_fraction=recipe.corpus.single_image_fraction)
         shard = raw / "shapes-000.jsonl"
         shard.write_text("".join(json.dumps(d) + "\n" for d in corpus))
         timings["corpus_s"] = time.perf_counter() - t0
@@ -93,36 +115,22 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
         # 2. Curate on Ray Data: crawl the loopback server, filter, tokenize, write Parquet.
         t0 = _step(2, "curate (Ray Data): crawl -> filter -> tokenize -> Parquet")
         data_dir = out / "data"
-        curate_cfg = embedded()
-        # The recipe's data: one-image documents as creation + comprehension pairs, one per row.
-        curate_cfg.tokenize.pair_layout = "pairs" if recipe.pair_layout == "both" else "interleaved"
-        curate_cfg.tokenize.packing = "pack" if recipe.packing else "truncate"
-        manifest = curate([str(shard)], data_dir, curate_cfg)
+        manifest = curate([str(shard)], data_dir, recipe.curate)
         timings["curate_s"] = time.perf_counter() - t0
         print(f"   {manifest['outputs']['samples']} samples in {len(manifest['outputs']['files'])} file(s)")
 
     # 3. Train the tiny preset on Ray Train + DeepSpeed (CPU workers), export the model.
-    t0 = _step(3, f"train (Ray Train + DeepSpeed, {workers} CPU worker(s), <= {train_minutes} min)")
-    recipe = recipe_overrides(synthetic.TINY_RECIPE, workers)
-    budget = ["max_steps=20", "micro_batch_size=8", "checkpoint.every_steps=10", "log_every=5"] if quick else [
-        f"max_minutes={train_minutes}"]
-    # The cores are shared out as torch threads (Ray would give a 0.5-CPU worker one thread; PNG
-    # decode for ingest is cheap next to the step, and the decoded corpus is cached after epoch 1).
-    threads = [f"scaling.torch_threads={max(1, (os.cpu_count() or 1) // workers)}"]
-    cfg = load_train_config("tiny", overrides=[*recipe, *threads, *budget, *(overrides or [])], workers=workers)
+    t0 = _step(3, f"train (Ray Train + DeepSpeed, {workers} CPU worker(s), {recipe.train.max_steps} steps)")
     run_dir = out / "run"
-    result = train(cfg, data_dir, run_dir)
+    result = train(recipe.train, data_dir, run_dir)
     timings["train_s"] = time.perf_counter() - t0
 
-    # 4. Score the exported model on held-out prompts and images (dreamcore.synthetic's scorer).
+    # 4. Score the exported model on held-out prompts and images, through the serving engine.
     t0 = _step(4, "quality on held-out prompts and images")
     model, tokenizer = from_pretrained(result.export_dir)
-    # Every held-out combination twice (other seeds, other image variants): 36 cases alone swing
-    # a figure by 2.8 points each and gave shape 77.8% for a model that scores 64% on 72.
-    n_eval = 12 if quick else 2 * len(synthetic.HELDOUT)
-    recipe = synthetic.TINY_RECIPE
-    scores = synthetic.evaluate(model, tokenizer, num_prompts=n_eval, num_images=n_eval, seed=seed + 1,
-                                num_inference_steps=recipe.eval_inference_steps)
+    scores = synthetic.evaluate(model, tokenizer, num_prompts=recipe.eval.num_prompts,
+                                num_images=recipe.eval.num_images, seed=seed + 1,
+                                num_inference_steps=recipe.eval.num_inference_steps)
     del model
     timings["quality_s"] = time.perf_counter() - t0
     for line in scores.lines():
@@ -132,6 +140,7 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
         "text->image shape": f"{scores.image_shape_acc:.1%} (chance {scores.chance_shape:.1%})",
         "image->text colour and shape": f"{scores.caption_acc:.1%} (chance {scores.chance_caption:.1%})",
         "held-out prompts / images": f"{scores.num_prompts} / {scores.num_images}",
+        "training steps": f"{result.steps}",
     }
 
     # 5. Serve on Ray Serve and ask for interleaved documents over HTTP.
@@ -142,7 +151,7 @@ def run_demo(output: str | Path, docs: int | None = None, train_minutes: float =
     url = start_local(checkpoint=str(result.export_dir), host="127.0.0.1", port=_free_port(),
                       overrides=["llm.num_cpus=0", "decoder.num_cpus=0", "ingress.num_cpus=0"])
     try:
-        for i, prompt in enumerate(DEMO_PROMPTS[:2] if quick else DEMO_PROMPTS):
+        for i, prompt in enumerate(prompts):
             reply = client.generate(url, prompt, max_new_tokens=48, max_images=2, seed=seed + i,
                                     temperature=0.7, top_p=0.9)
             documents.append({"prompt": prompt, "parts": reply["parts"], "finish_reason": reply.get("finish_reason")})
@@ -217,6 +226,6 @@ def write_report(path: Path, documents: list[dict[str, Any]], manifest: dict[str
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_demo(args.output, docs=args.docs, train_minutes=args.train_minutes, workers=args.workers,
-             quick=args.quick, seed=args.seed, overrides=args.overrides)
+    recipe = demo_recipe(args.workers, args.docs, args.quick, args.train_minutes, args.overrides)
+    run_demo(args.output, recipe, seed=args.seed, prompts=DEMO_PROMPTS[:2] if args.quick else DEMO_PROMPTS)
     return 0

@@ -10,9 +10,11 @@ import pytest
 
 @pytest.mark.e2e
 def test_demo_quick_runs_every_stage_and_writes_the_report(ray_session, tmp_path):
-    from pipelines.demo import run_demo
+    from pipelines.demo import DEMO_PROMPTS, demo_recipe, run_demo
 
-    report = run_demo(tmp_path / "demo", quick=True, seed=0)
+    recipe = demo_recipe(quick=True)
+    assert recipe.train.max_steps == 20 and recipe.corpus.num_docs == 24 and recipe.train.max_minutes == 0
+    report = run_demo(tmp_path / "demo", recipe, seed=0, prompts=DEMO_PROMPTS[:2])
 
     html = report.read_text()
     # Served documents made it into the report, with at least one embedded generated image.

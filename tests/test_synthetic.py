@@ -163,26 +163,10 @@ def test_corpus_urls_resolve_on_the_server():
             assert syn.score_image(Image.open(io.BytesIO(body))) == (spec.colour, spec.shape)
 
 
-def test_tiny_recipe_is_documented():
-    r = syn.TINY_RECIPE
-    assert r.max_minutes <= 10 and r.lr > 0 and r.batch_size > 0 and r.max_steps > 0
-
-
-def test_tiny_recipe_maps_onto_the_train_config():
-    """The recipe's overrides must be keys the training job accepts (a typo would be an error there)."""
-    train_config = pytest.importorskip("pipelines.train.config")
-    from dreamcore.config import load_config
-
-    cfg = load_config(train_config.TrainConfig(), None, train_config.recipe_overrides(syn.TINY_RECIPE))
-    assert cfg.optim.beta2 == syn.TINY_RECIPE.beta2
-    assert cfg.optim.lr == syn.TINY_RECIPE.lr
-    assert cfg.micro_batch_size == syn.TINY_RECIPE.batch_size
-    assert cfg.max_steps == syn.TINY_RECIPE.max_steps
-
-
 def test_evaluate_scores_a_model_end_to_end():
     """evaluate() runs the real generation helpers on held-out cases and reports fractions."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from dreamcore.config import tiny
     from dreamcore.model import DreamLLM
     from dreamcore.tokenizer import DreamTokenizer
@@ -205,15 +189,8 @@ def test_evaluate_scores_a_model_end_to_end():
     assert all(len(line) > 0 for line in report.lines())
 
 
-def test_tiny_recipe_pair_layout_is_known():
-    """bench/quality.py build_rows (and curation, once it lays out pairs) accept these values."""
-    assert syn.TINY_RECIPE.pair_layout in ("interleaved", "text-to-image", "both")
-    assert isinstance(syn.TINY_RECIPE.packing, bool)
-    assert 0.0 <= syn.TINY_RECIPE.single_image_fraction <= 1.0
-
-
 def test_tiny_preset_decoder_predicts_v():
-    """epsilon prediction + cosine schedule ignored the prompt at the first sampler steps (TinyRecipe)."""
+    """epsilon prediction + cosine schedule ignored the prompt at the first sampler steps."""
     from dreamcore.config import tiny
 
     assert tiny().decoder.prediction_type == "v_prediction"
