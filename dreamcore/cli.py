@@ -1,7 +1,9 @@
 """The `dreamcore` command. Each verb lives in the module that does the work; this file only routes.
 
 A verb module exposes `add_arguments(parser)` and `main(args) -> int`. Modules are imported only
-when their verb runs, so `dreamcore generate` (an HTTP client) never imports Ray or torch.
+when their verb runs, so `dreamcore generate` (an HTTP client) never imports Ray or torch. The stage
+verbs live in `pipelines/<stage>/cli.py` and map their flags onto their config one way
+(`pipelines/cli_args.py`: `--config FILE`, `--set KEY=VALUE`, named flags that are shorthands).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("pipelines.demo", "run every stage on a local Ray with the embedded default"),
     "curate": ("pipelines.curate.cli", "crawl, filter and tokenize documents into Parquet (Ray Data)"),
-    "train": ("pipelines.train_cli", "pretrain on Ray Train + DeepSpeed"),
-    "serve": ("pipelines.serve_cli", "serve a checkpoint on Ray Serve (blocks)"),
+    "train": ("pipelines.train.cli", "pretrain on Ray Train + DeepSpeed"),
+    "serve": ("pipelines.serve.cli", "serve a checkpoint on Ray Serve (blocks)"),
     "generate": ("dreamcore.client", "ask a served endpoint for an interleaved document, save HTML"),
     "submit": ("pipelines.submit", "submit a stage to a Ray cluster as a job; status, logs, stop"),
 }
@@ -27,25 +29,28 @@ def _defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line. Only the verb named first in `argv` (default: sys.argv) imports its
+    module and declares its arguments; the others appear in `dreamcore --help` by name."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dreamcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (module, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        if verb in sys.argv[1:2] or "-h" in sys.argv[1:2] or "--help" in sys.argv[1:2]:
-            # Only the verb being run (or the top-level help) pays for importing its module.
-            if verb in sys.argv[1:2]:
-                importlib.import_module(module).add_arguments(p)
+        if argv[:1] == [verb]:
+            importlib.import_module(module).add_arguments(p)
+            parser.set_defaults(_verb_parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     _defaults()
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the verb's parser (its usage, `dreamcore train: error: ...`), exit 2
+        getattr(args, "_verb_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(args._module)
     try:
         return int(module.main(args) or 0)

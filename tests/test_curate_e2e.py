@@ -117,7 +117,7 @@ def test_every_case_ends_in_its_reason_and_reruns_resume(ray_session, tmp_path):
         from dreamcore.cli import main
 
         shard2_uri = f"file://{shard2}"  # a URI goes through the same pyarrow filesystem path as s3://
-        rc = main(["curate", str(shard1), shard2_uri, "--output", str(out), "--preset", "embedded",
+        rc = main(["curate", str(shard1), shard2_uri, "--output", str(out), "--profile", "embedded",
                    "--set", "crawl.timeout_s=1.0", "--set", "crawl.retries=1", "--set", "crawl.backoff_s=0.05",
                    "--set", "progress=false"])
     assert rc == 0

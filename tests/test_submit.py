@@ -121,6 +121,29 @@ def test_actions_need_exactly_one_job_id(capsys):
     assert "takes one JOB_ID" in capsys.readouterr().err
 
 
+def test_bad_stage_flags_fail_before_anything_is_uploaded(capsys):
+    # No head listens on port 1: a stage-argument error must come first, as one line.
+    rc = submit.main(parse(["train", "--data", "d", "--output", "o", "--preset", "tiny",
+                            "--address", "http://127.0.0.1:1"]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "dreamcore train: unrecognized arguments: --preset tiny" in err
+    assert err.count("\n") == 1 and "cannot reach" not in err
+    with pytest.raises(submit.SubmitError, match="--profile"):
+        submit.check_stage_args("curate", ["in.jsonl", "--output", "o", "--profile", "public"])
+    with pytest.raises(submit.SubmitError, match="--workers"):
+        submit.check_stage_args("train", ["--data", "d", "--output", "o", "--workers", "many"])
+    submit.check_stage_args("curate", ["in.jsonl", "--output", "o", "--profile", "embedded", "--model", "tiny"])
+    submit.check_stage_args("train", ["--data", "d", "--output", "o", "--model", "dreamllm-7b", "--gpu"])
+    submit.check_stage_args("serve", ["--checkpoint", "/m", "--port", "8001", "--set", "host=0.0.0.0"])
+    submit.check_stage_args("train", ["--help"])  # the job prints the cluster's help
+
+
+def test_stage_flags_are_not_checked_against_other_code(capsys):
+    # With --no-working-dir the image's dreamcore runs the stage: its flags may differ from ours.
+    rc = submit.main(parse(["train", "--future-flag", "--no-working-dir", "--address", "http://127.0.0.1:1"]))
+    assert rc == 2 and "cannot reach the Ray Jobs API" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # A real head
 
@@ -300,10 +323,9 @@ def corpus(tmp_path_factory, image_server) -> Path:
 @pytest.fixture(scope="module")
 def curated(ray_head, corpus, tmp_path_factory):
     """One curation job through `dreamcore submit`; its driver crawls the loopback image server
-    (the `embedded` preset relaxes the SSRF guard for loopback). Returns (proc, data dir)."""
-    pytest.importorskip("pipelines.curate.cli", reason="the curate verb has not landed yet")
+    (the `embedded` profile relaxes the SSRF guard for loopback). Returns (proc, data dir)."""
     data = tmp_path_factory.mktemp("curated") / "data"
-    proc = dreamcore("submit", "curate", str(corpus), "--output", str(data), "--preset", "embedded",
+    proc = dreamcore("submit", "curate", str(corpus), "--output", str(data), "--profile", "embedded",
                      "--address", ray_head)
     return proc, data
 
@@ -320,7 +342,7 @@ def test_curate_then_train_as_cluster_jobs(ray_head, curated, tmp_path):
 
     # 2. A training job on what curation wrote: a few steps of the tiny preset, one worker.
     run = tmp_path / "run"
-    tr = dreamcore("submit", "train", "--data", str(data), "--output", str(run), "--preset", "tiny",
+    tr = dreamcore("submit", "train", "--data", str(data), "--output", str(run), "--model", "tiny",
                    "--workers", "1", "--set", "max_steps=2", "--set", "checkpoint.every_steps=1",
                    "--set", "micro_batch_size=2", "--set", "log_every=1", "--address", ray_head)
     assert tr.returncode == 0, tr.stdout[-4000:] + tr.stderr[-2000:]
@@ -337,12 +359,11 @@ def test_curate_then_train_as_cluster_jobs(ray_head, curated, tmp_path):
 @pytest.mark.e2e
 def test_stop_a_running_job(ray_head, tmp_path):
     # A curation job that waits on an image the server sends only after minutes: stop it meanwhile.
-    pytest.importorskip("pipelines.curate.cli", reason="the curate verb has not landed yet")
     from _curate_helpers import CaseServer, mmc4_doc, write_jsonl
 
     with CaseServer(slow_s=300) as slow:
         corpus = write_jsonl(tmp_path / "slow.jsonl", [mmc4_doc("https://example.com/s", [f"{slow.base}/slow"])])
-        sub = dreamcore("submit", "curate", str(corpus), "--output", str(tmp_path / "data"), "--preset",
+        sub = dreamcore("submit", "curate", str(corpus), "--output", str(tmp_path / "data"), "--profile",
                         "embedded", "--set", "crawl.timeout_s=600", "--set", "crawl.retries=0",
                         "--no-wait", "--address", ray_head)
         assert sub.returncode == 0, sub.stderr

@@ -149,14 +149,3 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 
 def test_defaults_are_valid():
     assert TrainConfig().validate().precision == "fp32"
-
-
-def test_tiny_recipe_maps_onto_train_config():
-    from dreamcore import synthetic
-    from pipelines.train.config import recipe_overrides
-
-    recipe = synthetic.TINY_RECIPE
-    cfg = load_train_config("tiny", None, recipe_overrides(recipe, workers=2), workers=2)
-    assert cfg.optim.lr == recipe.lr and cfg.max_steps == recipe.max_steps
-    assert cfg.max_minutes == recipe.max_minutes and cfg.optim.warmup_steps == recipe.warmup_steps
-    assert cfg.global_batch_size(2) == recipe.batch_size  # the global batch stays the recipe's

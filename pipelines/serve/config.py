@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreamcore.config import ConfigError, load_config, merge, to_dict
+from dreamcore.config import ConfigError, load_config, to_dict
 
 
 @dataclass
@@ -147,10 +147,14 @@ class ServeConfig:
 def load_serve_config(
     path: str | Path | None = None, overrides: list[str] | None = None, **values: Any
 ) -> ServeConfig:
-    """Defaults <- YAML file <- `key=value` overrides <- explicit keyword values (CLI flags)."""
-    cfg = load_config(ServeConfig(), path, overrides)
-    given = {k: v for k, v in values.items() if v is not None}
-    return merge(cfg, given) if given else cfg
+    """Defaults <- YAML file <- `key=value` overrides <- keyword values (key -> value, None skipped).
+
+    The keywords are applied last by `apply_flags`, as `dreamcore serve`'s named flags are
+    (pipelines/serve/cli.py): `load_serve_config(None, [], checkpoint=..., port=8001)`.
+    """
+    from pipelines.cli_args import apply_flags
+
+    return apply_flags(load_config(ServeConfig(), path, overrides), values)
 
 
 def deployment_options(name: str, settings: DeploymentSettings, retry_after_s: float) -> dict[str, Any]:

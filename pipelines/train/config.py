@@ -50,16 +50,14 @@ class DataSettings:
     """How Ray Data feeds the workers; the order is a pure function of (seed, epoch) for resume."""
 
     shuffle_seed: int = 0
-    # Rows in each worker's local shuffle buffer (reseeded every epoch); 0 = file order. It must be
-    # well above micro_batch_size to mix batches: at 64 rows with 64-row batches, every epoch
-    # replayed nearly the same batches in file order.
+    # Rows in each worker's local shuffle buffer (reseeded every epoch); 0 = file order. Well above
+    # micro_batch_size, or every epoch replays nearly the same batches (docs/architecture.md).
     shuffle_buffer: int = 1024
     prefetch_batches: int = 2
     decode_batch_rows: int = 32  # rows per Ray Data map_batches call that decodes PNGs
     # Keep the DECODED dataset in Ray's object store across epochs when it is at most this many MiB
     # (estimated from the shards' row count and one decoded sample); 0 = always stream. Streaming
-    # re-reads and re-decodes every epoch, and each restart costs seconds: 3.5 s per epoch, ~9% of
-    # the demo's 10-minute budget, for a corpus that decodes to ~200 MiB.
+    # re-reads and re-decodes every epoch, and each restart costs seconds (docs/architecture.md).
     cache_max_mib: int = 1024
 
 
@@ -153,44 +151,13 @@ def load_train_config(
     workers: int | None = None,
     gpu: bool | None = None,
 ) -> TrainConfig:
-    """Preset model + defaults <- YAML <- `key=value` overrides <- explicit CLI flags; validated."""
-    base = TrainConfig(model=preset(preset_name))
-    flags = [f"model.stage={stage}"] if stage is not None else []
-    flags += [f"scaling.workers={workers}"] if workers is not None else []
-    flags += ["scaling.gpu=true"] if gpu else []
-    cfg = load_config(base, path, [*(overrides or []), *flags])
-    return cfg.validate()
+    """Preset model + defaults <- YAML <- `key=value` overrides <- the keyword values; validated.
 
-
-# Training fields of dreamcore.synthetic.TinyRecipe (or any recipe object with these attributes)
-# -> TrainConfig keys. Recipe fields not listed here (corpus size, evaluation) belong to curation
-# and scoring, not to the trainer.
-RECIPE_KEYS = {
-    "lr": "optim.lr",
-    "warmup_steps": "optim.warmup_steps",
-    "min_lr_ratio": "optim.min_lr_ratio",
-    "weight_decay": "optim.weight_decay",
-    "beta2": "optim.beta2",
-    "grad_clip": "optim.grad_clip",
-    "batch_size": "micro_batch_size",
-    "grad_accum": "grad_accum",
-    "max_steps": "max_steps",
-    "max_minutes": "max_minutes",
-}
-
-
-def recipe_overrides(recipe: object, workers: int = 1) -> list[str]:
-    """`key=value` overrides for a recipe such as `dreamcore.synthetic.TINY_RECIPE`.
-
-    The recipe's `batch_size` is the global batch the recipe was measured with; it is split over
-    the data-parallel workers so that 1 or 2 workers train with the same global batch.
+    The keywords are the Python spelling of `dreamcore train`'s named flags (pipelines/train/cli.py),
+    applied last by the same `apply_flags`; None (and gpu=False) leaves a key as it is.
     """
-    out = []
-    for name, key in RECIPE_KEYS.items():
-        if not hasattr(recipe, name):
-            continue
-        value = getattr(recipe, name)
-        if name == "batch_size":
-            value = max(1, int(value) // max(1, workers))
-        out.append(f"{key}={value}")
-    return out
+    from pipelines.cli_args import apply_flags
+
+    cfg = load_config(TrainConfig(model=preset(preset_name)), path, overrides)
+    values = {"model.stage": stage, "scaling.workers": workers, "scaling.gpu": True if gpu else None}
+    return apply_flags(cfg, values).validate()
