@@ -1,4 +1,4 @@
-"""Checkpoints as plain files, and real component weights loaded by path.
+"""dreamcore's own checkpoints as plain files: `save_pretrained` / `from_pretrained` of a folder.
 
 A dreamcore checkpoint folder:
     config.json            {"format_version", "model": ModelConfig as a dict,
@@ -13,8 +13,8 @@ The architecture configs make a checkpoint self-contained: loading it never need
 weights (`llm.name_or_path` etc. may name hub ids that are not reachable). Each component loads on
 its own, so the text server skips the decoder and the image server keeps only the decoder.
 
-`load_components(cfg, ...)` is the other path: real weights by `name_or_path` (a local folder or a
-hub id) through transformers / diffusers `from_pretrained`, used when a model is first built.
+Pretrained components named by `name_or_path` (a first build from hub weights) are loaded by
+dreamcore.pretrained, not here.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
-from dreamcore.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from dreamcore.config import ModelConfig, model_config_from_dict, to_dict
 from dreamcore.decoder import DiffusionDecoder
 from dreamcore.model import COMPONENTS, DreamLLM
+from dreamcore.tokenizer import DreamTokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -47,7 +48,7 @@ class CheckpointError(ValueError):
 # Save
 
 
-def save_pretrained(model: DreamLLM, tokenizer: Any, directory: str | Path) -> Path:
+def save_pretrained(model: DreamLLM, tokenizer: DreamTokenizer, directory: str | Path) -> Path:
     """Write config.json, one safetensors file per component present, and tokenizer/."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, (tuple, set)):
+    if isinstance(value, set):
         return list(value)
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
@@ -117,10 +118,8 @@ def from_pretrained(
     components: Sequence[str] = COMPONENTS,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-) -> tuple[DreamLLM, Any]:
+) -> tuple[DreamLLM, DreamTokenizer]:
     """Load (model, tokenizer) from a checkpoint folder; only the listed components are built."""
-    from dreamcore.tokenizer import DreamTokenizer
-
     directory = Path(directory)
     cfg, meta = read_config(directory)
     components = tuple(components)
@@ -148,7 +147,9 @@ def from_pretrained(
     return model.eval(), tokenizer
 
 
-def _build_skeleton(cfg: ModelConfig, tokenizer: Any, arch: dict[str, Any], components: tuple[str, ...]) -> DreamLLM:
+def _build_skeleton(
+    cfg: ModelConfig, tokenizer: DreamTokenizer, arch: dict[str, Any], components: tuple[str, ...]
+) -> DreamLLM:
     """The modules of a checkpoint, built from its saved architecture configs (weights not loaded)."""
     modules: dict[str, nn.Module] = {}
     if "llm" in components:
@@ -158,7 +159,7 @@ def _build_skeleton(cfg: ModelConfig, tokenizer: Any, arch: dict[str, Any], comp
         modules["vision"] = CLIPVisionModel(CLIPVisionConfig(**_without(arch["vision"], "model_type")))
     if "decoder" in components:
         unet = UNet2DConditionModel.from_config(arch["unet"])
-        vae = AutoencoderKL.from_config(arch["vae"]) if arch.get("vae") else None
+        vae = AutoencoderKL.from_config(arch["vae"]) if arch["vae"] is not None else None
         modules["decoder"] = DiffusionDecoder(cfg.decoder, unet, vae, arch["scheduler"])
     return DreamLLM(cfg, tokenizer, components=components, modules=modules)
 
@@ -200,34 +201,3 @@ class _Projectors(nn.Module):
 
 def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
-
-
-# ----------------------------------------------------------------------------------------------
-# Real weights by path
-
-
-def load_components(cfg: ModelConfig, tokenizer: Any, components: Sequence[str]) -> dict[str, nn.Module]:
-    """Pretrained llm / vision / decoder named by `<component>.name_or_path` (folder or hub id).
-
-    Components without a path are left out (DreamLLM builds those from config).
-    """
-    out: dict[str, nn.Module] = {}
-    if "llm" in components and cfg.llm.name_or_path:
-        out["llm"] = _hf_load("llm", cfg.llm.name_or_path, AutoModelForCausalLM)
-    if "vision" in components and cfg.vision.name_or_path:
-        out["vision"] = _hf_load("vision", cfg.vision.name_or_path, CLIPVisionModel)
-    if "decoder" in components and cfg.decoder.name_or_path:
-        out["decoder"] = DiffusionDecoder.from_pretrained(cfg.decoder)
-    return out
-
-
-def _hf_load(component: str, path: str, cls: Any) -> nn.Module:
-    try:
-        return cls.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        raise ConfigError(
-            f"cannot load {component}.name_or_path={path!r}: {first}. Use a local folder holding config.json "
-            "and weights (save_pretrained output) or a hub id already in the local cache (HF_HUB_OFFLINE=1 "
-            f"forbids downloads); unset {component}.name_or_path to build it from config"
-        ) from None

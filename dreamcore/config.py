@@ -178,28 +178,13 @@ def tiny() -> ModelConfig:
     cfg = ModelConfig()
     cfg.vision.freeze = False
     cfg.decoder.freeze = False
-    # diffusers reads attention_head_dim as the number of heads (its documented naming quirk): 8
-    # gave 8 heads of width 4 at 32 channels; 2 heads of width 16 train 1.75x faster per step on
-    # CPU (bench/quality.py, 1 thread: 0.77 -> 0.44 cpu-s/step) with no loss of capacity.
+    # diffusers reads attention_head_dim as a head count: 2 heads of width 16 run faster on CPU than 8 of 4.
     cfg.decoder.attention_head_dim = 2
-    # v-prediction: with epsilon prediction and the cosine schedule the UNet never learned to decide
-    # the colour at the first sampler steps (t ~ 950, SNR ~ 0.006: predicting eps ~ x_t is already
-    # near-optimal there), so samples from pure noise ignored the prompt (text->image colour 26% after
-    # 2000 steps) although partial-noise reconstructions from t <= 800 had the right colour 97% of the
-    # time. The v target at low SNR is ~ -x0, so the condition must decide the image: colour 100% on
-    # 72 held-out prompts after 774 steps (bench/quality.py, TINY_RECIPE).
+    # v-prediction: with epsilon + cosine the first sampler steps ignored the prompt (docs/architecture.md).
     cfg.decoder.prediction_type = "v_prediction"
-    # Two resnet (+ attention) layers per UNet block: with one, generated circles and squares were
-    # confused (text->image shape 60-65% on 72 held-out prompts after 1700 steps, also ~67% on
-    # TRAINING combinations: the decoder, not generalisation); with two, 75% after 1400 steps in the
-    # same time (bench/quality.py, 31% more CPU per step). Loss weight (vm 30) and weight EMA did not
-    # move it.
+    # Two layers per UNet block: with one, circles and squares were confused (docs/architecture.md).
     cfg.decoder.layers_per_block = 2
-    # Stochastic sampling (eta 1) and milder guidance. Scored on 216 held-out prompts, the shapes of
-    # one trained model (bench/quality.py recipe, 1400 steps) were read right 64.4% of the time
-    # with deterministic DDIM at guidance 3 and 66.2% at 2, and 71.8% with eta 1 at guidance 2. A
-    # second model went from 62.5% to 63.0%. Colour stayed at 100%. Deterministic DDIM turns an
-    # uncertain corner into the mean of a circle and a square.
+    # eta 1 at guidance 2: deterministic DDIM drew uncertain shapes as a blend (docs/architecture.md).
     cfg.decoder.eta = 1.0
     cfg.decoder.guidance_scale = 2.0
     return cfg

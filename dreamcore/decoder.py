@@ -8,13 +8,15 @@ Design (DreamLLM, Dong et al. 2024, section 2.1):
   frozen while the condition still receives gradients: they flow *through* the UNet into the LLM.
 - Sampling: DDIM with classifier-free guidance; the unconditional condition comes from the same LLM
   and queries run on an empty prompt (computed by the caller, passed in as `uncond`).
-- Two set-ups: a pretrained Stable Diffusion folder / hub id (`unet/`, `vae/`, `scheduler/`) whose
-  latents are scaled by the VAE's `scaling_factor`, or (tiny preset) a pixel-space UNet built from
-  config: 3 channels in and out, `sample_size = resolution`, trained from scratch.
+- Two set-ups: a pretrained Stable Diffusion folder / hub id (`unet/`, `vae/`, `scheduler/`, loaded
+  by dreamcore.pretrained.load_decoder) whose latents are scaled by the VAE's `scaling_factor`, or
+  (tiny preset) a pixel-space UNet built from config: 3 channels in and out,
+  `sample_size = resolution`, trained from scratch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -127,34 +129,8 @@ class DiffusionDecoder(nn.Module):
             channels = 4
         sample_cfg = cfg
         if vae is not None:
-            sample_cfg = _with(cfg, resolution=cfg.resolution // 2)
+            sample_cfg = dataclasses.replace(cfg, resolution=cfg.resolution // 2)
         return cls(cfg, unet_from_config(sample_cfg, in_channels=channels), vae, scheduler_config(cfg))
-
-    @classmethod
-    def from_pretrained(cls, cfg: DecoderConfig, name_or_path: str | None = None) -> DiffusionDecoder:
-        """A Stable Diffusion folder or hub id: `unet/`, `vae/` (when cfg.use_vae), `scheduler/`."""
-        path = name_or_path or cfg.name_or_path
-        if not path:
-            raise ConfigError("decoder.name_or_path is unset; set it to a Stable Diffusion folder or hub id")
-        try:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if cfg.use_vae else None
-            sched = DDPMScheduler.load_config(path, subfolder="scheduler")
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"cannot load the decoder from decoder.name_or_path={path!r} ({_first_line(e)}). It must be a Stable "
-                "Diffusion folder or hub id with unet/, scheduler/ (and vae/ when decoder.use_vae=true); "
-                "with HF_HUB_OFFLINE=1 only local folders and cached hub ids work"
-            ) from None
-        if unet.config.cross_attention_dim != cfg.cross_attention_dim:
-            raise ConfigError(
-                f"decoder.cross_attention_dim={cfg.cross_attention_dim} but the UNet in {path} expects "
-                f"{unet.config.cross_attention_dim}; set decoder.cross_attention_dim={unet.config.cross_attention_dim}"
-            )
-        # Sampling settings from the pipeline's scheduler folder win over the generic defaults.
-        sched = {k: v for k, v in sched.items() if not k.startswith("_")}
-        sched.setdefault("prediction_type", cfg.prediction_type)
-        return cls(cfg, unet, vae, sched)
 
     # ------------------------------------------------------------------------------------------
     # Pixels <-> model space
@@ -284,14 +260,3 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(K, 3, H, W) in [0, 1] -> PIL RGB images."""
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else e.__class__.__name__
-
-
-def _with(cfg: DecoderConfig, **changes: Any) -> DecoderConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)

@@ -1,8 +1,8 @@
 """DreamLLM: one causal LM that reads and writes interleaved image-text documents.
 
 Design choices (DreamLLM, Dong et al., ICLR 2024; docs/architecture.md):
-- LLM: a Hugging Face causal LM of the LLaMA family (random init from `LLMConfig`, or
-  `from_pretrained(name_or_path)`), embeddings sized to the tokenizer's vocabulary.
+- LLM: a Hugging Face causal LM of the LLaMA family (random init from `LLMConfig`, or loaded from
+  `name_or_path` by dreamcore.pretrained), embeddings sized to the tokenizer's vocabulary.
 - Comprehension: CLIP vision tower -> hidden_states[select_layer], CLS dropped -> `vision_proj`
   (Linear with bias) written into the `<im_patch>` slots of the comprehension block.
 - Creation: Q learned `dream_queries` written into the query slots of the dream block; the LLM's last
@@ -29,6 +29,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from dreamcore.config import STAGES, ConfigError, LLMConfig, ModelConfig, VisionConfig
 from dreamcore.decoder import DiffusionDecoder
+from dreamcore.pretrained import load_components
 
 COMPONENTS = ("llm", "vision", "projectors", "decoder")
 IGNORE_INDEX = -100
@@ -42,7 +43,7 @@ class PlaceholderMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Components from config (random init); weights by path live in dreamcore.checkpoint
+# Components from config (random init); weights by path: dreamcore.pretrained
 
 
 def llm_from_config(cfg: LLMConfig, tokenizer: Any) -> LlamaForCausalLM:
@@ -83,7 +84,8 @@ class DreamLLM(nn.Module):
 
     `components` picks the parts to build (a text server skips "decoder", an image server keeps
     only "decoder"); `modules` hands in already built ones ({"llm", "vision", "decoder"}: used by
-    checkpoint loading). Parts neither handed in nor configured by path are built from config.
+    checkpoint loading). Parts not handed in are loaded from their `name_or_path` when it is set
+    (dreamcore.pretrained), else built from config.
     """
 
     def __init__(
@@ -101,11 +103,7 @@ class DreamLLM(nn.Module):
         self.components = tuple(components)
         self.special = _special_ids(tokenizer)
         modules = dict(modules or {})
-        wanted = [c for c in ("llm", "vision", "decoder") if c in components and c not in modules]
-        if any(getattr(getattr(cfg, c), "name_or_path", None) for c in wanted):
-            from dreamcore.checkpoint import load_components  # weights by path: checkpoint.py owns it
-
-            modules.update(load_components(cfg, tokenizer, wanted))
+        modules.update(load_components(cfg, [c for c in components if c not in modules]))
 
         self.llm: PreTrainedModel | None = None
         self.vision: CLIPVisionModel | None = None

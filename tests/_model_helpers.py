@@ -1,4 +1,8 @@
-"""Tiny models and real batches for the model-core tests (model, decoder, generate, checkpoint).
+"""The one debug model of the test suite, and real batches for the model-core tests.
+
+`debug_config()` is `config.tiny()` at debug sizes; every test helper builds on it (the serving
+checkpoint of _serve_helpers, the training job's model of _train_helpers), and
+`debug_overrides()` gives the same model as the `key=value` strings of the jobs' `--set model.*`.
 
 Batches go through the real data path: DreamTokenizer.encode_document -> pack -> SAMPLE_SCHEMA
 record with PNG bytes -> batch.decode_batch -> batch.to_torch, so a layout change anywhere shows up.
@@ -6,9 +10,10 @@ record with PNG bytes -> batch.decode_batch -> batch.to_torch, so a layout chang
 
 from __future__ import annotations
 
-import dataclasses
 import io
+import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,9 +21,52 @@ import torch
 from PIL import Image
 
 from dreamcore.batch import decode_batch, to_torch
-from dreamcore.config import ModelConfig, tiny
+from dreamcore.config import ModelConfig, load_config, tiny
 from dreamcore.model import DreamLLM
 from dreamcore.tokenizer import DreamTokenizer
+
+# tiny() with a narrower, shallower LLM, CLIP tower and UNet, a short context and a few sampler
+# steps: a forward and backward take milliseconds on one CPU thread. What the tests read keeps
+# tiny()'s values: 16 patch tokens per image (32 px, patch 8), 8 dream queries, conditions of width
+# 64, 16 px images, two CLIP layers (select_layer -2 picks a real layer).
+DEBUG_MODEL_OVERRIDES = [
+    "max_seq_len=128",
+    "llm.hidden_size=64",
+    "llm.intermediate_size=128",
+    "llm.num_layers=1",
+    "llm.num_heads=2",
+    "llm.num_kv_heads=2",
+    "vision.hidden_size=32",
+    "vision.intermediate_size=64",
+    "decoder.block_out_channels=[16,16]",
+    "decoder.num_inference_steps=4",
+    "tokenizer.vocab_size=300",
+]
+
+
+def debug_overrides(**changes: Any) -> list[str]:
+    """The debug model, then `changes`, as `key=value` overrides of the tiny preset.
+
+    `changes` are top-level ModelConfig fields; a component's fields go in a dict:
+    `debug_overrides(max_seq_len=64, decoder={"use_vae": True})`.
+    """
+    return [*DEBUG_MODEL_OVERRIDES, *_as_overrides(changes)]
+
+
+def debug_config(**changes: Any) -> ModelConfig:
+    """The debug model's config (see `debug_overrides` for `changes`)."""
+    return load_config(tiny(), None, debug_overrides(**changes))
+
+
+def _as_overrides(changes: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            out += _as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")  # JSON is YAML: parse_overrides reads it back
+    return out
+
 
 CORPUS = [
     "a red circle on a white background",
@@ -30,21 +78,16 @@ CORPUS = [
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 210, 30)]
 
 
-def tiny_cfg(**decoder_changes) -> ModelConfig:
-    cfg = tiny()
-    if decoder_changes:
-        cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, **decoder_changes))
-    return cfg
-
-
-def tiny_tokenizer(cfg: ModelConfig) -> DreamTokenizer:
+def debug_tokenizer(cfg: ModelConfig) -> DreamTokenizer:
     hf = DreamTokenizer.train(CORPUS, cfg.tokenizer.vocab_size)
     return DreamTokenizer(hf, cfg.vision.num_tokens, cfg.dream.num_queries)
 
 
-def tiny_model(cfg: ModelConfig | None = None, tok: DreamTokenizer | None = None, seed: int = 0):
-    cfg = cfg or tiny_cfg()
-    tok = tok or tiny_tokenizer(cfg)
+def debug_model(cfg: ModelConfig | None = None, tok: DreamTokenizer | None = None,
+                seed: int = 0) -> tuple[DreamLLM, DreamTokenizer]:
+    """(DreamLLM, tokenizer) of `cfg` (default: the debug model), random init from `seed`."""
+    cfg = cfg or debug_config()
+    tok = tok or debug_tokenizer(cfg)
     torch.manual_seed(seed)
     return DreamLLM(cfg, tok), tok
 

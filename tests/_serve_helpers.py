@@ -1,4 +1,4 @@
-"""A tiny DreamLLM checkpoint for the serving tests, saved with dreamcore.checkpoint.save_pretrained.
+"""The debug DreamLLM as a checkpoint for the serving tests, saved with checkpoint.save_pretrained.
 
 Untrained weights would almost never sample `<dream_start>` (1 token of a few hundred), so the
 tests could not see an image. The checkpoint is nudged instead: one embedding dimension is set to
@@ -12,8 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from _model_helpers import debug_config
 
-from dreamcore.config import ModelConfig, load_config, preset
+from dreamcore.checkpoint import save_pretrained
+from dreamcore.model import DreamLLM
+from dreamcore.tokenizer import DreamTokenizer
 
 SENTENCES = [
     "a red circle sits on a white page",
@@ -22,38 +25,11 @@ SENTENCES = [
     "here is a picture of a blue square",
 ]
 
-TINY_SERVE_MODEL = [
-    "max_seq_len=128",
-    "llm.hidden_size=64",
-    "llm.intermediate_size=128",
-    "llm.num_layers=1",
-    "llm.num_heads=2",
-    "llm.num_kv_heads=2",
-    "vision.num_layers=1",
-    "vision.hidden_size=32",
-    "vision.intermediate_size=64",
-    "vision.image_size=16",
-    "vision.patch_size=8",
-    "dream.num_queries=4",
-    "decoder.block_out_channels=[16,16]",
-    "decoder.cross_attention_dim=32",
-    "decoder.num_inference_steps=4",
-    "tokenizer.vocab_size=300",
-]
-
-
-def tiny_serve_config() -> ModelConfig:
-    return load_config(preset("tiny"), None, TINY_SERVE_MODEL)
-
 
 def make_checkpoint(directory: Path, dream_logit: float = 0.3) -> Path:
-    """Build, nudge (see module docstring) and save a tiny DreamLLM; returns the folder."""
-    from dreamcore.checkpoint import save_pretrained
-    from dreamcore.model import DreamLLM
-    from dreamcore.tokenizer import DreamTokenizer
-
+    """Build the debug model, nudge it (see module docstring) and save it; returns the folder."""
     torch.manual_seed(0)
-    cfg = tiny_serve_config()
+    cfg = debug_config()
     tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
                                corpus_texts=SENTENCES * 4)
     model = DreamLLM(cfg, tok)

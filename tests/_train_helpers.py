@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _model_helpers import debug_config, debug_overrides
 
-from dreamcore.config import ModelConfig, load_config, preset, to_dict
+from dreamcore.config import ModelConfig, to_dict
 from dreamcore.schema import SAMPLE_SCHEMA
 from dreamcore.synthetic import render_png
 from dreamcore.tokenizer import DreamTokenizer
@@ -21,25 +22,14 @@ from dreamcore.tokenizer import DreamTokenizer
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
 
-# Small enough that a DeepSpeed step takes a fraction of a second on one shared CPU core.
-SMALL_MODEL = [
-    "max_seq_len=64",
-    "llm.hidden_size=64",
-    "llm.intermediate_size=128",
-    "llm.num_layers=1",
-    "llm.num_heads=2",
-    "llm.num_kv_heads=2",
-    "vision.num_layers=2",
-    "vision.hidden_size=32",
-    "vision.intermediate_size=64",
-    "decoder.block_out_channels=[16,16]",
-    "decoder.cross_attention_dim=32",
-    "tokenizer.vocab_size=300",
-]
+# The debug model with 64-token rows (a one-image document fits): a DeepSpeed step stays a fraction
+# of a second on one shared CPU core.
+TRAIN_MODEL = {"max_seq_len": 64}
+TRAIN_MODEL_OVERRIDES = debug_overrides(**TRAIN_MODEL)  # the job's `--set model.*` form
 
 
 def small_model_config() -> ModelConfig:
-    return load_config(preset("tiny"), None, SMALL_MODEL)
+    return debug_config(**TRAIN_MODEL)
 
 
 def shape_png(colour: str, shape: str, size: int) -> bytes:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _model_helpers import INTERLEAVED, make_batch, one_thread, tiny_cfg, tiny_model  # noqa: F401 (fixture)
+from _model_helpers import INTERLEAVED, debug_config, debug_model, make_batch, one_thread  # noqa: F401 (fixture)
 from diffusers import DDPMScheduler
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model, tok = tiny_model(seed=3)
+    model, tok = debug_model(seed=3)
     folder = tmp_path_factory.mktemp("ckpt")
     save_pretrained(model.eval(), tok, folder)
     return model, tok, folder
@@ -104,7 +104,7 @@ def test_real_components_load_from_folders_by_path(saved, tmp_path):
     model.decoder.unet.save_pretrained(sd / "unet")
     DDPMScheduler.from_config(model.decoder.sample_scheduler_config).save_pretrained(sd / "scheduler")
 
-    cfg = tiny_cfg()
+    cfg = debug_config()
     cfg.llm.name_or_path = str(tmp_path / "llm")
     cfg.vision.name_or_path = str(tmp_path / "clip")
     cfg.decoder.name_or_path = str(sd)
@@ -120,12 +120,12 @@ def test_real_components_load_from_folders_by_path(saved, tmp_path):
 
 
 def test_bad_component_paths_are_clear_errors(tmp_path):
-    cfg = tiny_cfg()
+    cfg = debug_config()
     cfg.llm.name_or_path = str(tmp_path / "no-llm-here")
-    _, tok = tiny_model()
+    _, tok = debug_model()
     with pytest.raises(ConfigError, match=r"llm.name_or_path=.*no-llm-here.*local folder"):
         DreamLLM(cfg, tok)
-    cfg = tiny_cfg()
+    cfg = debug_config()
     cfg.vision.image_size = 64  # 64 tokens per image configured, the saved CLIP gives 16
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tmp_path / "c")

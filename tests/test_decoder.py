@@ -1,4 +1,5 @@
-"""DiffusionDecoder: losses per prediction type, CFG sampling, seeds, VAE path, SD-folder loading."""
+"""DiffusionDecoder: losses per prediction type, CFG sampling, seeds, VAE path; SD-folder loading
+(dreamcore.pretrained.load_decoder)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,22 @@ import dataclasses
 
 import pytest
 import torch
-from _model_helpers import one_thread, tiny_cfg  # noqa: F401 (fixture)
+from _model_helpers import debug_config, one_thread  # noqa: F401 (fixture)
 from diffusers import DDPMScheduler
 
-from dreamcore.config import ConfigError
+from dreamcore.config import ConfigError, tiny
 from dreamcore.decoder import DiffusionDecoder, to_pil
+from dreamcore.pretrained import load_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-Q, C = 8, 64
+DEBUG = debug_config()
+Q, C = DEBUG.dream.num_queries, DEBUG.decoder.cross_attention_dim
 
 
 def _decoder(**changes) -> DiffusionDecoder:
     torch.manual_seed(0)
-    return DiffusionDecoder.from_config(tiny_cfg(**changes).decoder)
+    return DiffusionDecoder.from_config(debug_config(decoder=changes).decoder)
 
 
 def _cond(k: int, seed: int) -> torch.Tensor:
@@ -101,28 +104,28 @@ def test_vae_decoder_works_in_latent_space():
 
 
 def test_loads_a_stable_diffusion_style_folder(tmp_path):
-    """unet/, vae/, scheduler/ saved by diffusers come back through DiffusionDecoder.from_pretrained."""
+    """unet/, vae/, scheduler/ saved by diffusers come back through load_decoder."""
     src = _decoder(use_vae=True, prediction_type="v_prediction")
     src.unet.save_pretrained(tmp_path / "unet")
     src.vae.save_pretrained(tmp_path / "vae")
     DDPMScheduler.from_config(src.sample_scheduler_config).save_pretrained(tmp_path / "scheduler")
-    cfg = dataclasses.replace(tiny_cfg(use_vae=True).decoder, name_or_path=str(tmp_path))
-    loaded = DiffusionDecoder.from_pretrained(cfg).eval()
+    cfg = debug_config(decoder={"use_vae": True, "name_or_path": str(tmp_path)}).decoder
+    loaded = load_decoder(cfg).eval()
     assert loaded.prediction_type == "v_prediction"  # the folder's scheduler wins over the config
     cond, uncond = _cond(1, 0), _cond(1, 1)[0]
     torch.testing.assert_close(src.eval().sample(cond, uncond, 2, seed=3), loaded.sample(cond, uncond, 2, seed=3))
 
 
 def test_missing_or_mismatched_sd_folder_is_a_clear_error(tmp_path):
-    cfg = dataclasses.replace(tiny_cfg().decoder, name_or_path=str(tmp_path / "nowhere"))
+    cfg = debug_config(decoder={"name_or_path": str(tmp_path / "nowhere")}).decoder
     with pytest.raises(ConfigError, match="nowhere.*unet/, scheduler/"):
-        DiffusionDecoder.from_pretrained(cfg)
+        load_decoder(cfg)
     src = _decoder()
     src.unet.save_pretrained(tmp_path / "unet")
     DDPMScheduler.from_config(src.sample_scheduler_config).save_pretrained(tmp_path / "scheduler")
-    wrong = dataclasses.replace(tiny_cfg().decoder, name_or_path=str(tmp_path), cross_attention_dim=32)
-    with pytest.raises(ConfigError, match="set decoder.cross_attention_dim=64"):
-        DiffusionDecoder.from_pretrained(wrong)
+    wrong = debug_config(decoder={"name_or_path": str(tmp_path), "cross_attention_dim": C // 2}).decoder
+    with pytest.raises(ConfigError, match=f"set decoder.cross_attention_dim={C}"):
+        load_decoder(wrong)
 
 
 def test_stochastic_sampling_is_seeded_per_image():
@@ -145,9 +148,7 @@ def test_stochastic_sampling_is_seeded_per_image():
 
 
 def test_tiny_preset_samples_stochastically_with_mild_guidance():
-    """Measured on one trained model: eta 1 + guidance 2 read shapes right 71.8% vs 66.2% (config.tiny).
-    The demo and bench/quality.py score with these settings, as serving samples with them."""
-    from dreamcore.config import tiny
-
+    """tiny() samples with eta 1 at guidance 2 (docs/architecture.md says why); the demo and
+    bench/quality.py score with these settings, as serving samples with them."""
     cfg = tiny().decoder
     assert cfg.eta == 1.0 and cfg.guidance_scale == 2.0

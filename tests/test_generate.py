@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _model_helpers import one_thread, png, solid_image, tiny_model  # noqa: F401 (fixture)
+from _model_helpers import debug_model, one_thread, png, solid_image  # noqa: F401 (fixture)
 from PIL import Image
 from torch import nn
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tok = tiny_model(seed=0)
+    model, tok = debug_model(seed=0)
     model.eval()
     return model, tok, TextEngine(model, tok)
 
@@ -39,7 +39,7 @@ def dreamer():
 
     The head gets a bias (LLaMA's has none); only these generation tests use it.
     """
-    model, tok = tiny_model(seed=1)
+    model, tok = debug_model(seed=1)
     head = model.llm.lm_head
     biased = nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():

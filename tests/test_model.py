@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from _model_helpers import (  # noqa: F401 (fixture)
     INTERLEAVED,
     TEXT_ONLY,
+    debug_config,
+    debug_model,
+    debug_tokenizer,
     make_batch,
     one_thread,
-    tiny_cfg,
-    tiny_model,
-    tiny_tokenizer,
 )
 
-from dreamcore.config import ConfigError, LossConfig
+from dreamcore.config import ConfigError
 from dreamcore.model import DreamLLM, PlaceholderMismatchError, apply_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +25,7 @@ def _grad_norm(params) -> float:
 
 
 def test_forward_gives_both_losses_and_every_trainable_part_gets_gradient():
-    model, tok = tiny_model()
+    model, tok = debug_model()
     batch = make_batch(model.cfg, tok, INTERLEAVED)
     out = model(batch)
     assert set(out) == {"loss", "lm_loss", "vm_loss"}
@@ -42,8 +40,8 @@ def test_forward_gives_both_losses_and_every_trainable_part_gets_gradient():
 
 
 def test_vm_loss_gradients_reach_the_llm_through_a_frozen_unet():
-    cfg = dataclasses.replace(tiny_cfg(freeze=True), loss=LossConfig(lm_weight=0.0, vm_weight=1.0))
-    model, tok = tiny_model(cfg)
+    cfg = debug_config(decoder={"freeze": True}, loss={"lm_weight": 0.0, "vm_weight": 1.0})
+    model, tok = debug_model(cfg)
     assert not any(p.requires_grad for p in model.decoder.parameters())
     model(make_batch(cfg, tok, INTERLEAVED))["loss"].backward()
     assert all(p.grad is None for p in model.decoder.parameters())
@@ -55,7 +53,7 @@ def test_vm_loss_gradients_reach_the_llm_through_a_frozen_unet():
 
 
 def test_batch_without_dream_blocks_has_an_exact_zero_vm_loss_that_still_reaches_parameters():
-    model, tok = tiny_model()
+    model, tok = debug_model()
     out = model(make_batch(model.cfg, tok, TEXT_ONLY))
     assert out["vm_loss"].item() == 0.0
     assert out["lm_loss"] > 0
@@ -69,8 +67,8 @@ def test_batch_without_dream_blocks_has_an_exact_zero_vm_loss_that_still_reaches
 
 
 def test_condition_drop_replaces_conditions_by_the_empty_prompt():
-    cfg = tiny_cfg(condition_drop_prob=1.0)
-    model, tok = tiny_model(cfg)
+    cfg = debug_config(decoder={"condition_drop_prob": 1.0})
+    model, tok = debug_model(cfg)
     a = make_batch(cfg, tok, [["a red circle", 0]])
     b = make_batch(cfg, tok, [["two yellow squares next to a blue circle", 0]])
     b["images"] = a["images"]
@@ -97,9 +95,8 @@ STAGE_EXPECTATIONS = {
 @pytest.mark.parametrize("stage", list(STAGE_EXPECTATIONS))
 @pytest.mark.parametrize("frozen", [True, False])
 def test_apply_stage_sets_what_trains(stage: str, frozen: bool):
-    cfg = tiny_cfg(freeze=frozen, use_vae=True)
-    cfg.vision.freeze = frozen
-    model, _ = tiny_model(cfg)
+    cfg = debug_config(decoder={"freeze": frozen, "use_vae": True}, vision={"freeze": frozen})
+    model, _ = debug_model(cfg)
     apply_stage(model, stage)
     llm, vproj, creation = STAGE_EXPECTATIONS[stage]
     assert all(p.requires_grad == llm for p in model.llm.parameters())
@@ -120,14 +117,14 @@ def test_apply_stage_sets_what_trains(stage: str, frozen: bool):
 
 
 def test_apply_stage_rejects_unknown_stage():
-    model, _ = tiny_model()
+    model, _ = debug_model()
     with pytest.raises(ConfigError, match="choose one of"):
         apply_stage(model, "III")
 
 
 def test_frozen_stage_trains_only_its_parameters():
-    cfg = dataclasses.replace(tiny_cfg(), stage="I-creation")
-    model, tok = tiny_model(cfg)
+    cfg = debug_config(stage="I-creation")
+    model, tok = debug_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     model(make_batch(cfg, tok, INTERLEAVED))["loss"].backward()
@@ -138,7 +135,7 @@ def test_frozen_stage_trains_only_its_parameters():
 
 
 def test_placeholder_mismatch_fails_loudly_with_counts():
-    model, tok = tiny_model()
+    model, tok = debug_model()
     batch = make_batch(model.cfg, tok, INTERLEAVED)
     broken = dict(batch, image_slots=batch["image_slots"].clone())
     broken["image_slots"][0, 1] = -1  # one comprehension block fewer than the sequence holds
@@ -153,17 +150,17 @@ def test_placeholder_mismatch_fails_loudly_with_counts():
 
 
 def test_tokenizer_with_other_slot_counts_is_caught():
-    cfg = tiny_cfg()
-    model, _ = tiny_model(cfg)
-    other = dataclasses.replace(cfg, dream=dataclasses.replace(cfg.dream, num_queries=4))
-    tok4 = tiny_tokenizer(other)
+    cfg = debug_config()
+    model, _ = debug_model(cfg)
+    other = debug_config(dream={"num_queries": 4})
+    tok4 = debug_tokenizer(other)
     with pytest.raises(PlaceholderMismatchError, match="num_dream_queries"):
         model(make_batch(other, tok4, INTERLEAVED))
 
 
 def test_decoder_only_model_refuses_training_forward():
-    cfg = tiny_cfg()
-    tok = tiny_tokenizer(cfg)
+    cfg = debug_config()
+    tok = debug_tokenizer(cfg)
     model = DreamLLM(cfg, tok, components=("decoder",))
     assert model.llm is None and model.decoder is not None
     with pytest.raises(RuntimeError, match="built without llm"):
@@ -171,7 +168,7 @@ def test_decoder_only_model_refuses_training_forward():
 
 
 def test_lm_loss_equals_the_bare_llm_loss_on_text():
-    model, tok = tiny_model()
+    model, tok = debug_model()
     batch = make_batch(model.cfg, tok, TEXT_ONLY)
     with torch.no_grad():
         ours = model(batch)["lm_loss"]
@@ -182,7 +179,7 @@ def test_lm_loss_equals_the_bare_llm_loss_on_text():
 
 def test_slot_contents_replace_placeholder_embeddings():
     """Changing an image changes the LM loss of the text after it (its patches are read)."""
-    model, tok = tiny_model()
+    model, tok = debug_model()
     batch = make_batch(model.cfg, tok, INTERLEAVED)
     other = dict(batch, images=255 - batch["images"])
     with torch.no_grad():

@@ -1,0 +1,91 @@
+"""Pretrained components by path: every transformers / diffusers `from_pretrained` call of dreamcore.
+
+`<component>.name_or_path` names a local folder (save_pretrained output) or a hub id; with
+HF_HUB_OFFLINE=1 only local folders and hub ids already in the cache load. The LLM and the CLIP
+vision tower are plain transformers folders; the decoder is a Stable Diffusion folder or hub id whose
+`unet/`, `vae/` (when decoder.use_vae) and `scheduler/` subfolders are read (its text encoder never
+is). `load_components(cfg)` is what DreamLLM calls when a model is first built; dreamcore's own
+checkpoint folders are read by dreamcore.checkpoint instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModel, PreTrainedModel
+
+from dreamcore.config import ConfigError, DecoderConfig, ModelConfig
+from dreamcore.decoder import DiffusionDecoder
+
+LOADABLE = ("llm", "vision", "decoder")
+
+
+def load_components(cfg: ModelConfig, components: Sequence[str] = LOADABLE) -> dict[str, nn.Module]:
+    """The listed components that have a `name_or_path`, loaded from it.
+
+    Components without a path are left out (DreamLLM builds those from config).
+    """
+    out: dict[str, nn.Module] = {}
+    if "llm" in components and cfg.llm.name_or_path:
+        out["llm"] = load_llm(cfg.llm.name_or_path)
+    if "vision" in components and cfg.vision.name_or_path:
+        out["vision"] = load_vision(cfg.vision.name_or_path)
+    if "decoder" in components and cfg.decoder.name_or_path:
+        out["decoder"] = load_decoder(cfg.decoder)
+    return out
+
+
+def load_llm(name_or_path: str) -> PreTrainedModel:
+    """A causal LM (the LLaMA family) from a transformers folder or hub id."""
+    return _hf_load("llm", name_or_path, AutoModelForCausalLM)
+
+
+def load_vision(name_or_path: str) -> CLIPVisionModel:
+    """A CLIP vision tower from a transformers folder or hub id (a full CLIP folder works too)."""
+    return _hf_load("vision", name_or_path, CLIPVisionModel)
+
+
+def load_decoder(cfg: DecoderConfig, name_or_path: str | None = None) -> DiffusionDecoder:
+    """A Stable Diffusion folder or hub id: `unet/`, `vae/` (when cfg.use_vae), `scheduler/`."""
+    path = name_or_path or cfg.name_or_path
+    if not path:
+        raise ConfigError("decoder.name_or_path is unset; set it to a Stable Diffusion folder or hub id")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if cfg.use_vae else None
+        sched = DDPMScheduler.load_config(path, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot load the decoder from decoder.name_or_path={path!r} ({_first_line(e)}). It must be a Stable "
+            "Diffusion folder or hub id with unet/, scheduler/ (and vae/ when decoder.use_vae=true); "
+            "with HF_HUB_OFFLINE=1 only local folders and cached hub ids work"
+        ) from None
+    if unet.config.cross_attention_dim != cfg.cross_attention_dim:
+        raise ConfigError(
+            f"decoder.cross_attention_dim={cfg.cross_attention_dim} but the UNet in {path} expects "
+            f"{unet.config.cross_attention_dim}; set decoder.cross_attention_dim={unet.config.cross_attention_dim}"
+        )
+    # Sampling settings from the pipeline's scheduler folder win over the generic defaults; a scheduler
+    # config without prediction_type (older diffusers wrote none) takes the configured one.
+    sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+    sched.setdefault("prediction_type", cfg.prediction_type)
+    return DiffusionDecoder(cfg, unet, vae, sched)
+
+
+def _hf_load(component: str, path: str, cls: Any) -> Any:
+    try:
+        return cls.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot load {component}.name_or_path={path!r}: {_first_line(e)}. Use a local folder holding "
+            "config.json and weights (save_pretrained output) or a hub id already in the local cache "
+            f"(HF_HUB_OFFLINE=1 forbids downloads); unset {component}.name_or_path to build it from config"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
