@@ -1,6 +1,6 @@
 """End-to-end tests of the training job: real Ray Train + Ray Data + DeepSpeed + DreamLLM on CPU.
 
-Small on purpose (a 1-layer LLM, 64-token rows, a few steps): they check the plumbing (restart
+Small on purpose (the debug model with 64-token rows, a few steps): they check the plumbing (restart
 from a checkpoint, resume determinism, export), not learning. Learning is measured by bench/ and
 the demo.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import SMALL_MODEL, make_data_folder, small_model_config  # noqa: E402
+from _train_helpers import TRAIN_MODEL_OVERRIDES, make_data_folder, small_model_config  # noqa: E402
 
 from pipelines.train import load_train_config, train  # noqa: E402
 from pipelines.train.loop import FAULT_MARKER  # noqa: E402
@@ -32,7 +32,7 @@ COMMON = ["max_steps=6", "checkpoint.every_steps=3", "scaling.max_failures=0", "
 
 def _cfg(*overrides: str, workers: int = 1):
     base = ["micro_batch_size=4", "log_every=1", "optim.warmup_steps=2", "optim.lr=0.003",
-            "data.shuffle_buffer=16", *[f"model.{s}" for s in SMALL_MODEL]]
+            "data.shuffle_buffer=16", *[f"model.{s}" for s in TRAIN_MODEL_OVERRIDES]]
     return load_train_config("tiny", None, [*base, *overrides], workers=workers)
 
 

@@ -36,9 +36,10 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 class Refused(Exception):
     """A URL or response this crawler will not take; `reason` is the manifest's reason name."""
 
-    def __init__(self, reason: str, error: str, http_status: int = 0):
+    def __init__(self, reason: str, error: str, http_status: int = 0, retry_after: float | None = None):
         super().__init__(error)
         self.reason, self.error, self.http_status = reason, error, http_status
+        self.retry_after = retry_after  # seconds, from the Retry-After header of an HTTP error
 
 
 @dataclass
@@ -182,9 +183,8 @@ class Fetcher:
                 if not retryable or attempt >= cfg.retries:
                     raise
                 delay = min(cfg.backoff_s * (2**attempt), cfg.max_backoff_s)
-                retry_after = getattr(e, "retry_after", None)
-                if retry_after is not None:
-                    delay = min(max(retry_after, 0.0), cfg.max_backoff_s)
+                if e.retry_after is not None:
+                    delay = min(max(e.retry_after, 0.0), cfg.max_backoff_s)
                 time.sleep(delay)
                 attempt += 1
 
@@ -213,13 +213,12 @@ class Fetcher:
                         current = urljoin(current, location)
                         continue
                     if resp.status_code != 200:
-                        err = Refused(f"http_{resp.status_code}", f"{current}: HTTP {resp.status_code}",
-                                      resp.status_code)
                         ra = resp.headers.get("Retry-After", "")
-                        err.retry_after = float(ra) if ra.replace(".", "", 1).isdigit() else None
-                        raise err
+                        retry_after = float(ra) if ra.replace(".", "", 1).isdigit() else None
+                        raise Refused(f"http_{resp.status_code}", f"{current}: HTTP {resp.status_code}",
+                                      resp.status_code, retry_after)
                     word = robots_opt_out(
-                        _header_values(resp, "X-Robots-Tag"),
+                        resp.raw.headers.getlist("X-Robots-Tag"),  # every header line, not one joined
                         cfg.disallowed_header_directives, cfg.user_agent_token,
                     )
                     if word:
@@ -247,14 +246,6 @@ class Fetcher:
             reason = "timeout" if "timed out" in str(e).lower() else "connection_error"
             raise Refused(reason, f"{url}: {e}") from None
         return bytes(buf)
-
-
-def _header_values(resp: requests.Response, name: str) -> list[str]:
-    raw = getattr(resp.raw, "headers", None)
-    if raw is not None and hasattr(raw, "getlist"):
-        return list(raw.getlist(name))
-    value = resp.headers.get(name)
-    return [value] if value else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +279,8 @@ def truncated(fmt: str, body: bytes) -> bool:
 
 def resizer_class() -> type:
     """img2dataset's Resizer, loaded from its file: `import img2dataset` runs the package
-    __init__, which imports torch, wandb and webdataset (~3x the CPU time of the resizer itself),
-    a cost every Ray worker process would pay for nothing."""
+    __init__, which imports torch, wandb and webdataset: a start-up cost every Ray worker process
+    would pay for nothing."""
     import importlib.util
     import sys
 

@@ -100,9 +100,8 @@ def hash_keys_udf(batch: pa.Table) -> pa.Table:
                                            ("sha256", pa.string()), ("phash", pa.string())]))
 
 
-def dedup_udf(batch: pa.Table, plan_ref: Any) -> pa.Table:
-    plan = ray.get(plan_ref) if isinstance(plan_ref, ray.ObjectRef) else plan_ref
-    return rows_to_table(apply_plan(_rows(batch), plan, "dedup"))
+def dedup_udf(batch: pa.Table, plan_ref: ray.ObjectRef) -> pa.Table:
+    return rows_to_table(apply_plan(_rows(batch), ray.get(plan_ref), "dedup"))
 
 
 class SimilarityUDF:
@@ -127,7 +126,7 @@ def encode_udf(batch: pa.Table, tok_path: str, mcfg: Any) -> pa.Table:
     return pa.Table.from_pylist(docs, schema=CURATE_ENCODED_SCHEMA)
 
 
-def pack_udf(batch: pa.Table, tok_path: str, mcfg: Any, packing: bool, pair_layout: str = "interleaved") -> pa.Table:
+def pack_udf(batch: pa.Table, tok_path: str, mcfg: Any, packing: bool, pair_layout: str) -> pa.Table:
     tok = tokenizer_for(tok_path, mcfg)
     samples = pack_docs(tok, _rows(batch), mcfg, packing, pair_layout)
     return pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)
@@ -191,21 +190,21 @@ def _clean_orphans(out: Path, manifest: dict) -> None:
 
 def _check_resume(manifest: dict, cfg: CurateConfig) -> None:
     """Samples of a resumed run must match the published ones: same layout, packing, schema."""
-    old = manifest.get("config", {})
-    now = to_dict(cfg)
-    pinned = {"model": (old.get("model"), now["model"]),
-              "model_overrides": (old.get("model_overrides"), now["model_overrides"]),
-              "tokenize.packing": (old.get("tokenize", {}).get("packing"), now["tokenize"]["packing"]),
-              "tokenize.pair_layout": (old.get("tokenize", {}).get("pair_layout", "interleaved"),
-                                       now["tokenize"].get("pair_layout", "interleaved"))}
+    old, now = manifest["config"], to_dict(cfg)
+    pinned = {"model": (old["model"], now["model"]),
+              "model_overrides": (old["model_overrides"], now["model_overrides"]),
+              "tokenize.packing": (old["tokenize"]["packing"], now["tokenize"]["packing"]),
+              # Output folders curated before tokenize.pair_layout existed hold interleaved rows.
+              "tokenize.pair_layout": (old["tokenize"].get("pair_layout", "interleaved"),
+                                       now["tokenize"]["pair_layout"])}
     for key, (was, is_now) in pinned.items():
-        if was is not None and was != is_now:
+        if was != is_now:
             raise CurateError(
                 f"output folder was curated with {key}={was!r}, this run asks for {is_now!r}; the new "
                 "samples would not match the published ones: use a new --output folder or the original config"
             )
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise CurateError(f"output folder holds schema version {manifest.get('schema_version')}, this code "
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise CurateError(f"output folder holds schema version {manifest['schema_version']}, this code "
                           f"writes {SCHEMA_VERSION}: use a new --output folder")
 
 

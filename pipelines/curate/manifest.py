@@ -26,7 +26,7 @@ def empty_stage() -> dict[str, Any]:
 
 
 def stage_counts(docs: list[tuple[str, str]], images: list[tuple[str, str]],
-                 written: tuple[int, int] | None = None) -> dict[str, dict]:
+                 written: tuple[int, int]) -> dict[str, dict]:
     """docs/images: (drop_stage, reason) per item ("" stage: kept through tokenize).
 
     `written` = (documents, images) found in the published samples: the write stage's out.
@@ -39,8 +39,7 @@ def stage_counts(docs: list[tuple[str, str]], images: list[tuple[str, str]],
         for kind in ("documents", "images"):
             st["in"][kind] = remaining[kind]
             if stage == "write":
-                got = written[0 if kind == "documents" else 1] if written else remaining[kind]
-                lost = remaining[kind] - got
+                lost = remaining[kind] - written[0 if kind == "documents" else 1]
                 if lost:
                     st["dropped"][kind]["missing_from_output"] = lost
             else:
@@ -60,7 +59,7 @@ def merge_stages(a: dict[str, dict], b: dict[str, dict]) -> dict[str, dict]:
     """Sum two runs' stage counts (a resumed job adds each shard group to the manifest)."""
     merged = {}
     for stage in STAGES:
-        x, y = a.get(stage, empty_stage()), b.get(stage, empty_stage())
+        x, y = a[stage], b[stage]
         m = empty_stage()
         for side in ("in", "out"):
             for kind in ("documents", "images"):

@@ -91,7 +91,7 @@ class ClipScorer:
             ) from None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
-        self.max_len = min(getattr(self.model.config.text_config, "max_position_embeddings", 77), 77)
+        self.max_len = min(self.model.config.text_config.max_position_embeddings, 77)
 
     def score(self, texts: list[str], images: list[bytes]) -> np.ndarray:
         """(images, sentences) cosine similarity; empty sentences score -1 (never assigned)."""

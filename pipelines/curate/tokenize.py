@@ -13,7 +13,7 @@ from functools import lru_cache
 from dreamcore.config import ModelConfig
 from dreamcore.tokenizer import DreamTokenizer, EmptyDocumentError, EncodedDocument, interleave
 
-from .filters import drop_document, drop_image, kept_images
+from .filters import drop_document, drop_image
 
 STAGE = "tokenize"
 
@@ -25,10 +25,6 @@ def load_tokenizer(path: str, num_image_tokens: int, num_dream_queries: int) -> 
 
 def tokenizer_for(path: str, mcfg: ModelConfig) -> DreamTokenizer:
     return load_tokenizer(path, mcfg.vision.num_tokens, mcfg.dream.num_queries)
-
-
-def document_texts(doc: dict) -> list[str]:
-    return [t for t in doc["texts"] if t]
 
 
 def encode_doc(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> dict:
@@ -66,8 +62,8 @@ def pair_sequences(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> list[En
     if len(doc["enc_images"]) != 1:
         return None
     image = doc["images"][doc["enc_images"][0]]
-    m = image.get("matched_text_index")
-    if m is None or not 0 <= m < len(doc["texts"]) or not doc["texts"][m].strip():
+    m = image["matched_text_index"]
+    if not 0 <= m < len(doc["texts"]) or not doc["texts"][m].strip():
         return None
     sentence = doc["texts"][m]
     out = []
@@ -112,4 +108,4 @@ def train_tokenizer(texts: list[str], mcfg: ModelConfig, out_dir: str) -> DreamT
     return tok
 
 
-__all__ = ["encode_doc", "pack_docs", "train_tokenizer", "tokenizer_for", "kept_images"]
+__all__ = ["encode_doc", "pack_docs", "train_tokenizer", "tokenizer_for"]

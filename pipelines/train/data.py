@@ -43,7 +43,7 @@ def parquet_files(data_dir: str | Path) -> list[Path]:
         raise ConfigError(f"--data {root}: no such folder; point it at the output folder of `dreamcore curate`")
     manifest = root / "manifest.json"
     # The curation manifest lists exactly the published sample shards (never rejected/ or temp
-    # files); a folder without that list (hand-made, older) is globbed instead.
+    # files); a hand-made folder without that list (tests, bench/) is globbed instead.
     listed = json.loads(manifest.read_text()).get("outputs", {}).get("files", []) if manifest.is_file() else []
     if listed:
         files = sorted(root / f for f in listed)

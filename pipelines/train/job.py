@@ -36,16 +36,17 @@ class TrainResult:
 
 def _check_model_matches_data(cfg: TrainConfig, data_dir: Path) -> None:
     """The manifest records the model layout curation tokenized for; a different one is an error."""
-    manifest = read_manifest(data_dir)
-    layout = manifest.get("model") or manifest.get("model_config") or {}
+    layout = read_manifest(data_dir).get("model")
+    if layout is None:  # a folder without manifest.json: nothing to compare with
+        return
     checks = {
-        "max_seq_len": (layout.get("max_seq_len"), cfg.model.max_seq_len),
-        "dream.num_queries": ((layout.get("dream") or {}).get("num_queries"), cfg.model.dream.num_queries),
-        "vision.image_size": ((layout.get("vision") or {}).get("image_size"), cfg.model.vision.image_size),
-        "vision.patch_size": ((layout.get("vision") or {}).get("patch_size"), cfg.model.vision.patch_size),
+        "max_seq_len": (layout["max_seq_len"], cfg.model.max_seq_len),
+        "dream.num_queries": (layout["dream"]["num_queries"], cfg.model.dream.num_queries),
+        "vision.image_size": (layout["vision"]["image_size"], cfg.model.vision.image_size),
+        "vision.patch_size": (layout["vision"]["patch_size"], cfg.model.vision.patch_size),
     }
     for key, (data_value, model_value) in checks.items():
-        if data_value is not None and data_value != model_value:
+        if data_value != model_value:
             raise ConfigError(
                 f"{data_dir}/manifest.json: data was tokenized with model.{key}={data_value} but training "
                 f"uses {model_value}; pass --set model.{key}={data_value} or re-run curation"

@@ -1,14 +1,16 @@
 """The per-worker training loop that Ray Train runs on every rank (one per GPU, or CPU workers).
 
-Steps per worker: 1. process group + device, 2. tokenizer and model (random init from config, or
-the previous stage's export) with the stage's freezing, 3. DeepSpeed engine over the trainable
-parameters only, 4. resume from `ray.train.get_checkpoint()` (model, optimizer, scheduler, step,
-data position, RNG), 5. the step loop with progress/metrics/checkpoints, 6. export with
-`dreamcore.checkpoint.save_pretrained` at the end.
+`train_loop_per_worker` reads as its steps: 1. process group, device, threads and seed, 2. the
+trainer state of Ray Train's latest checkpoint and this rank's data stream from that position,
+3. tokenizer and model (random init from config, or the previous stage's export) with the stage's
+freezing, in a DeepSpeed engine over the trainable parameters only, 4. resume model, optimizer,
+scheduler and RNG from the checkpoint, 5. the step loop with progress/metrics/checkpoints,
+6. export with `dreamcore.checkpoint.save_pretrained`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -16,7 +18,8 @@ import socket
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +60,72 @@ class TrainerState:
     positions: dict[str, dict[str, int]] = field(default_factory=dict)  # rank -> DataPosition
 
 
+@dataclass
+class Worker:
+    """This rank's place in the run, fixed for the whole loop."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    own_group: bool  # the loop created the process group (local mode) and destroys it at the end
+    threads_before: int  # torch threads of the caller's process, given back in local mode
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point; `config` = {"train": TrainConfig dict, "data_dir", "run_dir"}."""
+    cfg = from_dict(TrainConfig, config["train"]).validate()
+
+    # 1. Process group, device, torch threads, seed
+    w = _setup_worker(cfg, Path(config["run_dir"]))
+
+    # 2. Where the run stands, and this rank's data stream from there. The stream starts before
+    #    the model is built, so Ray Data's first batch (task start-up, PNG decode) loads meanwhile.
+    state, checkpoint = read_state()
+    position = DataPosition(**state.positions.get(str(w.rank), {}))
+    batches, first_batch = _start_batches(w, position)
+
+    # 3. Tokenizer, model with the stage's freezing, DeepSpeed engine over the trainable parameters
+    tokenizer, engine, scheduler = _build_engine(w, Path(config["data_dir"]))
+
+    # 4. Model, optimizer, scheduler and RNG from the checkpoint (the data position was applied in 2);
+    #    then wait for the first batch, so the step clocks count training only
+    _resume(w, engine, scheduler, checkpoint, state, position)
+    batches = itertools.chain([first_batch.result()], batches)
+
+    # 5. Optimizer steps with the progress line, metrics files, reports and checkpoints
+    _train_steps(w, engine, scheduler, batches, state, position)
+
+    # 6. Export for serving/generation; local mode gives the caller's process back as it was
+    export_model(engine, tokenizer, w.cfg, w.run_dir / "model", w.rank)
+    _teardown_worker(w)
+    return {"step": state.step, "export": str(w.run_dir / "model")}
+
+
 # ----------------------------------------------------------------------------------------------
-# 1. Process group and device
+# 1. Process group, device, threads, seed
+
+
+def _setup_worker(cfg: TrainConfig, run_dir: Path) -> Worker:
+    """Join (or, in local mode, create) the process group; device, torch threads, the init seed."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    own_group = _init_process_group(cfg.scaling.gpu)
+    device = _device(cfg.scaling.gpu)
+    threads_before = torch.get_num_threads()
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+    return Worker(cfg, run_dir, ctx.get_world_rank(), ctx.get_world_size(), device, own_group, threads_before)
+
+
+def _teardown_worker(w: Worker) -> None:
+    """Undo what `_setup_worker` changed in the process, when the loop ran in the caller's (local mode)."""
+    if w.own_group:
+        dist.destroy_process_group()
+        torch.set_num_threads(w.threads_before)
 
 
 def _init_process_group(gpu: bool) -> bool:
@@ -104,7 +171,65 @@ def _device(gpu: bool) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Model
+# 2. Trainer state and data stream
+
+
+def read_state() -> tuple[TrainerState, Any]:
+    """The trainer state of Ray Train's latest checkpoint of this run, and that checkpoint.
+
+    A fresh start gives `TrainerState()` and None. Read before the engine exists, so the data
+    stream can start at the right position while the model is being built.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainerState(), None
+    with checkpoint.as_directory() as d:
+        state = TrainerState(**json.loads((Path(d) / STATE_FILE).read_text()))
+    return state, checkpoint
+
+
+def _start_batches(w: Worker, position: DataPosition) -> tuple[Iterator[dict[str, Any]], Future]:
+    """This rank's endless micro-batches from `position`, and its first batch, fetched in a thread."""
+    import ray.train
+
+    cfg = w.cfg
+    batches = iterate_batches(
+        ray.train.get_dataset_shard("train"), cfg.micro_batch_size, position, cfg.seed, w.rank,
+        cfg.data.shuffle_buffer, cfg.data.prefetch_batches,
+    )
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
+    first_batch = prefetch.submit(next, batches)
+    prefetch.shutdown(wait=False)  # its one thread ends once the first batch is in
+    return batches, first_batch
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Model and engine
+
+
+def _build_engine(w: Worker, data_dir: Path) -> tuple[Any, Any, Any]:
+    """(tokenizer, DeepSpeed engine, LR scheduler): the data's tokenizer, the stage's model."""
+    import deepspeed
+
+    from dreamcore.tokenizer import DreamTokenizer
+
+    cfg = w.cfg
+    tokenizer = DreamTokenizer.from_pretrained(data_dir / "tokenizer")
+    model = build_model(cfg, tokenizer)
+    if cfg.precision == "bf16":
+        cast_frozen(model, torch.bfloat16)
+    params = trainable_parameters(model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, config=deepspeed_config(cfg, w.world), dist_init_required=False
+    )
+    if w.rank == 0:
+        n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+        say(f"[train] {w.world} worker(s) x {torch.get_num_threads()} torch threads, {cfg.precision}, "
+            f"ZeRO-{cfg.deepspeed.zero_stage}, stage {cfg.model.stage}: {n_train:,} of "
+            f"{n_all:,} parameters train; global batch {cfg.global_batch_size(w.world)}")
+    return tokenizer, engine, scheduler
 
 
 def build_model(cfg: TrainConfig, tokenizer: Any) -> torch.nn.Module:
@@ -154,7 +279,147 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Checkpoints
+# 4. Resume
+
+
+def _resume(w: Worker, engine: Any, scheduler: Any, checkpoint: Any, state: TrainerState,
+            position: DataPosition) -> None:
+    """Restore the engine from `checkpoint`; at a fresh start, take the scheduler to iteration 0."""
+    if checkpoint is None:
+        # DeepSpeed's WarmupCosineLR sits at iteration -1 (lr 0) until its first step; without
+        # this the first optimizer step would be taken at lr 0 and wasted.
+        scheduler.step()
+        return
+    restore_engine(engine, checkpoint, w.rank)
+    if w.rank == 0:
+        say(f"[train] resumed at step {state.step} (epoch {position.epoch}, batch {position.batches_done})")
+
+
+def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
+    """Model, optimizer and LR scheduler from DeepSpeed's files; this rank's RNG state."""
+    with checkpoint.as_directory() as d:
+        d = Path(d)
+        engine.load_checkpoint(str(d), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        rng_file = d / f"rng_rank{rank}.pt"
+        if rng_file.exists():  # absent if the world size grew: those ranks start a fresh stream
+            torch.set_rng_state(torch.load(rng_file)["torch"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Steps
+
+
+def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[dict[str, Any]],
+                 state: TrainerState, position: DataPosition) -> None:
+    """Optimizer steps up to max_steps (or max_minutes): log, report, checkpoint; advances `state`."""
+    import ray.train
+
+    from dreamcore.batch import to_torch, trim_padding
+
+    cfg = w.cfg
+    log = _StepLog(w, engine, scheduler, state)
+    stop = False
+    while state.step < cfg.max_steps and not stop:
+        for _ in range(cfg.grad_accum):
+            batch = to_torch(trim_padding(next(batches)), w.device)
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            log.add(out, batch)
+        state.step += 1
+        log.steps += 1
+        state.elapsed_s = log.elapsed_s()
+        state.positions = {str(w.rank): position.to_dict()}
+        if cfg.max_minutes > 0:
+            stop = _any_rank(state.elapsed_s >= 60 * cfg.max_minutes)
+        last = state.step >= cfg.max_steps or stop
+
+        metrics = log.write(state, position.epoch) if state.step % cfg.log_every == 0 or last else {}
+        if state.step % cfg.checkpoint.every_steps == 0 or last:
+            # Ray Train only keeps metrics of checkpointed reports: gather positions of all ranks.
+            state.positions = _all_positions(position, w.world)
+            save_checkpoint(engine, state, w.rank, metrics or {"step": state.step})
+        elif metrics:
+            ray.train.report(metrics)
+        if metrics:
+            log.restart_clock()  # throughput counts training, not checkpoint/report time
+        _inject_failure(w, state.step)
+    log.close()
+
+
+class _StepLog:
+    """Losses and counts since the last log row, the clocks, and rank 0's metrics files.
+
+    Sums stay on the device and are read once per log interval: no GPU sync on every step.
+    """
+
+    def __init__(self, w: Worker, engine: Any, scheduler: Any, state: TrainerState):
+        cfg = w.cfg
+        self.w, self.engine, self.scheduler = w, engine, scheduler
+        self.writer = MetricsWriter(w.run_dir) if w.rank == 0 else None
+        llm = cfg.model.llm
+        n_llm = sum(p.numel() for p in engine.module.llm.parameters())
+        self.flops_tok = train_flops_per_token(n_llm, llm.num_layers, llm.hidden_size, cfg.model.max_seq_len)
+        self.peak = (peak_flops(torch.cuda.get_device_name(w.device), cfg.deepspeed.peak_tflops)
+                     if cfg.scaling.gpu else None)
+        # loss, lm_loss, vm_loss, tokens, images, samples
+        self.sums = torch.zeros(6, dtype=torch.float64, device=w.device)
+        self.steps = 0  # optimizer steps in the sums
+        self.t_window = time.perf_counter()
+        self.t_attempt = time.perf_counter()
+        self.elapsed_before = state.elapsed_s
+        self.start_step = state.step
+
+    def add(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        """One micro-batch: its losses (as a share of the optimizer step) and counts."""
+        accum = self.w.cfg.grad_accum
+        self.sums += torch.stack([
+            out["loss"].detach().float() / accum,
+            out["lm_loss"].detach().float() / accum,
+            out["vm_loss"].detach().float() / accum,
+            batch["attention_mask"].sum().float(),
+            ((batch["image_slots"] >= 0) | (batch["dream_slots"] >= 0)).sum().float(),
+            torch.tensor(float(batch["input_ids"].shape[0]), device=self.w.device),
+        ])
+
+    def elapsed_s(self) -> float:
+        """Training time over all attempts of this run."""
+        return self.elapsed_before + time.perf_counter() - self.t_attempt
+
+    def write(self, state: TrainerState, epoch: int) -> dict[str, Any]:
+        """The metrics row of the steps since the last one (all ranks take part); rank 0 writes it
+        to the metrics files and prints the progress line. The sums start again from zero."""
+        cfg, world = self.w.cfg, self.w.world
+        dt = time.perf_counter() - self.t_window
+        n = self.steps
+        sums = self.sums.tolist()
+        loss, lm, vm, tokens, images, samples = _mean_over_ranks(
+            [sums[0] / n, sums[1] / n, sums[2] / n, sums[3], sums[4], sums[5]]
+        )
+        tok_s = tokens * world / dt
+        metrics = {
+            "step": state.step, "epoch": epoch, "loss": loss, "lm_loss": lm, "vm_loss": vm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": tok_s, "images_per_s": images * world / dt,
+            "samples_per_s": samples * world / dt, "step_time_s": dt / n,
+            "mfu": mfu(tok_s, self.flops_tok, world, self.peak), "elapsed_s": state.elapsed_s,
+        }
+        if self.writer is not None:
+            self.writer.write(metrics)
+            done_here = state.step - self.start_step
+            eta = (cfg.max_steps - state.step) * (time.perf_counter() - self.t_attempt) / max(1, done_here)
+            say(progress_line(metrics, cfg.max_steps, eta))
+        self.sums.zero_()
+        self.steps = 0
+        return metrics
+
+    def restart_clock(self) -> None:
+        self.t_window = time.perf_counter()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[str, Any]) -> None:
@@ -174,39 +439,25 @@ def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_state(rank: int) -> tuple[TrainerState | None, Any]:
-    """The trainer state of Ray Train's latest checkpoint of this run (None, None: fresh start).
-
-    Read before the engine exists, so the data stream can start at the right position while the
-    model is being built; the checkpoint itself is returned for `restore_engine`.
-    """
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, None
-    with checkpoint.as_directory() as d:
-        state = TrainerState(**json.loads((Path(d) / STATE_FILE).read_text()))
-    return state, checkpoint
+def _all_positions(position: DataPosition, world: int) -> dict[str, dict[str, int]]:
+    """Every rank's data position (a collective), keyed by rank as TrainerState.positions is."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, position.to_dict())
+    return {str(r): p for r, p in enumerate(gathered)}
 
 
-def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
-    """Model, optimizer and LR scheduler from DeepSpeed's files; this rank's RNG state."""
-    with checkpoint.as_directory() as d:
-        d = Path(d)
-        engine.load_checkpoint(str(d), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-        rng_file = d / f"rng_rank{rank}.pt"
-        if rng_file.exists():  # absent if the world size grew: those ranks start a fresh stream
-            torch.set_rng_state(torch.load(rng_file)["torch"])
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. The loop
+def _inject_failure(w: Worker, step: int) -> None:
+    """debug.fail_at_step: rank 0 raises once after that step; the marker file keeps it to once."""
+    if w.cfg.debug.fail_at_step and step == w.cfg.debug.fail_at_step and w.rank == 0:
+        marker = w.run_dir / FAULT_MARKER
+        if not marker.exists():
+            marker.write_text(f"failure injected after step {step}\n")
+            raise InjectedFailure(f"debug.fail_at_step={step}: injected failure (once)")
 
 
 def _mean_over_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.tolist()
@@ -214,162 +465,13 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
 
 def _any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point; `config` = {"train": TrainConfig dict, "data_dir", "run_dir"}."""
-    import deepspeed
-    import ray.train
-
-    from dreamcore.batch import to_torch, trim_padding
-    from dreamcore.tokenizer import DreamTokenizer
-
-    cfg = from_dict(TrainConfig, config["train"]).validate()
-    run_dir, data_dir = Path(config["run_dir"]), Path(config["data_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-
-    # 1. Process group + device
-    own_group = _init_process_group(cfg.scaling.gpu)
-    device = _device(cfg.scaling.gpu)
-    threads_before = torch.get_num_threads()
-    if cfg.scaling.torch_threads:
-        torch.set_num_threads(cfg.scaling.torch_threads)
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
-
-    # Start the data stream first: Ray Data's first batch (task start-up, PNG decode) arrives
-    # while the model and the engine are being built instead of after.
-    state, checkpoint = read_state(rank)
-    state = state or TrainerState()
-    position = DataPosition(**state.positions.get(str(rank), {}))
-    batches = iterate_batches(
-        ray.train.get_dataset_shard("train"), cfg.micro_batch_size, position, cfg.seed, rank,
-        cfg.data.shuffle_buffer, cfg.data.prefetch_batches,
-    )
-    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
-    first_batch = prefetch.submit(next, batches)
-
-    # 2. Tokenizer + model, stage freezing
-    tokenizer = DreamTokenizer.from_pretrained(data_dir / "tokenizer")
-    model = build_model(cfg, tokenizer)
-    if cfg.precision == "bf16":
-        cast_frozen(model, torch.bfloat16)
-    params = trainable_parameters(model)
-
-    # 3. DeepSpeed engine over the trainable parameters only
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=deepspeed_config(cfg, world), dist_init_required=False
-    )
-
-    if rank == 0:
-        n_all = sum(p.numel() for p in model.parameters())
-        say(f"[train] {world} worker(s) x {torch.get_num_threads()} torch threads, {cfg.precision}, "
-            f"ZeRO-{cfg.deepspeed.zero_stage}, stage {cfg.model.stage}: {sum(p.numel() for p in params):,} of "
-            f"{n_all:,} parameters train; global batch {cfg.global_batch_size(world)}")
-
-    # 4. Resume (the data position was applied above, before the stream started)
-    if checkpoint is None and scheduler is not None:
-        # DeepSpeed's WarmupCosineLR sits at iteration -1 (lr 0) until its first step; without
-        # this the first optimizer step would be taken at lr 0 and wasted.
-        scheduler.step()
-    if checkpoint is not None:
-        restore_engine(engine, checkpoint, rank)
-        if rank == 0:
-            say(f"[train] resumed at step {state.step} (epoch {position.epoch}, "
-                f"batch {position.batches_done})")
-    pending = [first_batch.result()]
-    prefetch.shutdown()
-
-    # 5. Steps
-    writer = MetricsWriter(run_dir) if rank == 0 else None
-    llm = cfg.model.llm
-    n_llm = sum(p.numel() for p in model.llm.parameters()) if hasattr(model, "llm") else 0
-    flops_tok = train_flops_per_token(n_llm, llm.num_layers, llm.hidden_size, cfg.model.max_seq_len)
-    peak = peak_flops(torch.cuda.get_device_name(device), cfg.deepspeed.peak_tflops) if cfg.scaling.gpu else None
-    window = torch.zeros(6, dtype=torch.float64, device=device)  # loss, lm, vm, tokens, images, samples
-    window_steps = 0
-    t_window = time.perf_counter()
-    t_attempt = time.perf_counter()
-    elapsed_before = state.elapsed_s
-    start_step = state.step
-    stop = False
-    while state.step < cfg.max_steps and not stop:
-        for _ in range(cfg.grad_accum):
-            batch = to_torch(trim_padding(pending.pop() if pending else next(batches)), device)
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            # Summed on the device and read once per log interval: no GPU sync on every step.
-            window += torch.stack([
-                out["loss"].detach().float() / cfg.grad_accum,
-                out["lm_loss"].detach().float() / cfg.grad_accum,
-                out["vm_loss"].detach().float() / cfg.grad_accum,
-                batch["attention_mask"].sum().float(),
-                ((batch["image_slots"] >= 0) | (batch["dream_slots"] >= 0)).sum().float(),
-                torch.tensor(float(batch["input_ids"].shape[0]), device=device),
-            ])
-        state.step += 1
-        window_steps += 1
-        state.elapsed_s = elapsed_before + time.perf_counter() - t_attempt
-        state.positions = {str(rank): position.to_dict()}
-        if cfg.max_minutes > 0:
-            stop = _any_rank(state.elapsed_s >= 60 * cfg.max_minutes)
-        last = state.step >= cfg.max_steps or stop
-
-        metrics: dict[str, Any] = {}
-        if state.step % cfg.log_every == 0 or last:
-            dt = time.perf_counter() - t_window
-            n = window_steps
-            sums = window.tolist()
-            loss, lm, vm, tokens, images, samples = _mean_over_ranks(
-                [sums[0] / n, sums[1] / n, sums[2] / n, sums[3], sums[4], sums[5]]
-            )
-            tok_s = tokens * world / dt
-            metrics = {
-                "step": state.step, "epoch": position.epoch, "loss": loss, "lm_loss": lm, "vm_loss": vm,
-                "lr": scheduler.get_last_lr()[0] if scheduler is not None else cfg.optim.lr,
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "tokens_per_s": tok_s, "images_per_s": images * world / dt,
-                "samples_per_s": samples * world / dt, "step_time_s": dt / n,
-                "mfu": mfu(tok_s, flops_tok, world, peak), "elapsed_s": state.elapsed_s,
-            }
-            if writer is not None:
-                writer.write(metrics)
-                done_here = state.step - start_step
-                eta = (cfg.max_steps - state.step) * (time.perf_counter() - t_attempt) / max(1, done_here)
-                say(progress_line(metrics, cfg.max_steps, eta))
-            window.zero_()
-            window_steps = 0
-
-        if state.step % cfg.checkpoint.every_steps == 0 or last:
-            # Ray Train only keeps metrics of checkpointed reports: gather positions of all ranks.
-            gathered = [None] * world
-            dist.all_gather_object(gathered, position.to_dict())
-            state.positions = {str(r): p for r, p in enumerate(gathered)}
-            save_checkpoint(engine, state, rank, metrics or {"step": state.step})
-        elif metrics:
-            ray.train.report(metrics)
-        if metrics:
-            t_window = time.perf_counter()  # throughput counts training, not checkpoint/report time
-
-        if cfg.debug.fail_at_step and state.step == cfg.debug.fail_at_step and rank == 0:
-            marker = run_dir / FAULT_MARKER
-            if not marker.exists():
-                marker.write_text(f"failure injected after step {state.step}\n")
-                raise InjectedFailure(f"debug.fail_at_step={state.step}: injected failure (once)")
-
-    if writer is not None:
-        writer.close()
-
-    # 6. Export for serving/generation
-    export_model(engine, tokenizer, cfg, run_dir / "model", rank)
-    if own_group:
-        dist.destroy_process_group()
-        torch.set_num_threads(threads_before)  # local mode ran in the caller's process
-    return {"step": state.step, "export": str(run_dir / "model")}
+# ----------------------------------------------------------------------------------------------
+# 6. Export
 
 
 def export_model(engine: Any, tokenizer: Any, cfg: TrainConfig, out: Path, rank: int) -> None:
@@ -385,7 +487,6 @@ def export_model(engine: Any, tokenizer: Any, cfg: TrainConfig, out: Path, rank:
                 save_pretrained(module, tokenizer, out)
     elif rank == 0:
         save_pretrained(module, tokenizer, out)
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()
     if rank == 0:
         say(f"[train] exported model to {out}")

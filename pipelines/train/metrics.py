@@ -73,7 +73,7 @@ def progress_line(row: dict[str, Any], max_steps: int, eta_s: float) -> str:
         f"{row['tokens_per_s']:.0f} tok/s",
         f"{row['images_per_s']:.1f} img/s",
     ]
-    if row.get("mfu") is not None:
+    if row["mfu"] is not None:  # None: the peak FLOP/s of the device is unknown (CPU)
         parts.append(f"MFU {100 * row['mfu']:.1f}%")
     parts.append(f"ETA {format_duration(eta_s)}")
     return "[train] " + " | ".join(parts)
