@@ -455,8 +455,15 @@ def _inject_failure(w: Worker, step: int) -> None:
             raise InjectedFailure(f"debug.fail_at_step={step}: injected failure (once)")
 
 
+def _collective_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo reduces CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     if dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -464,7 +471,7 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
 
 
 def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([1 if flag else 0], device=_collective_device())
     if dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
