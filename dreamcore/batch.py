@@ -3,6 +3,11 @@
 `decode_batch` runs inside Ray Data `map_batches` (batch_format="numpy"), so PNG decoding happens
 in Data's workers and never stalls the trainer; it works the same on plain Python lists in a loop.
 Every row is padded to the same image capacity M = `cfg.images_per_sample` so batches have one shape.
+
+Packed rows: `position_ids` restart at 0 at each document of the row (from the `doc_lengths`
+column), and `DreamLLM.forward` hands them to the LLM without a 2D mask, so transformers builds the
+block-diagonal causal mask (each document attends only to itself); a one-document row gets plain
+0..T-1 and keeps the mask-free causal fast path.
 """
 
 from __future__ import annotations
@@ -16,15 +21,22 @@ from PIL import Image
 
 from dreamcore.config import ModelConfig
 
-REQUIRED = ("input_ids", "labels", "num_tokens", "images", "image_slots", "dream_slots")
+REQUIRED = ("input_ids", "labels", "num_tokens", "doc_lengths", "images", "image_slots", "dream_slots")
 
 
 def decode_batch(columns: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Columns of SAMPLE_SCHEMA rows (lists or numpy object arrays) -> fixed-shape numpy arrays.
 
-    input_ids, labels, attention_mask: (B, T) int64; images: (B, M, H, W, 3) uint8;
-    image_slots, dream_slots: (B, M) int64, -1 where absent.
+    input_ids, labels, attention_mask, position_ids: (B, T) int64; images: (B, M, H, W, 3) uint8;
+    image_slots, dream_slots: (B, M) int64, -1 where absent. position_ids count 0..len-1 within each
+    document of the row; the padding tail continues the last document's count.
     """
+    if "doc_lengths" not in columns and "input_ids" in columns:
+        raise ValueError(
+            "decode_batch: the rows have no doc_lengths column (each packed document's token count, "
+            "which per-document attention and positions need); they were curated by an older dreamcore "
+            "(sample schema version 1): re-curate them with `dreamcore curate`"
+        )
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise ValueError(
@@ -46,6 +58,10 @@ def decode_batch(columns: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndar
         i = int(bad[0])
         raise ValueError(f"sample {sample_ids[i]}: num_tokens={num_tokens[i]} is outside 0..{seq_len}")
     attention_mask = (np.arange(seq_len)[None, :] < num_tokens[:, None]).astype(np.int64)
+    position_ids = np.stack([
+        _positions(_as_list(columns["doc_lengths"][b]), int(num_tokens[b]), seq_len, sample_ids[b])
+        for b in range(batch_size)
+    ]) if batch_size else np.zeros((0, seq_len), dtype=np.int64)
 
     images = np.zeros((batch_size, m, res, res, 3), dtype=np.uint8)
     image_slots = np.full((batch_size, m), -1, dtype=np.int64)
@@ -74,6 +90,7 @@ def decode_batch(columns: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndar
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
+        "position_ids": position_ids,
         "images": images,
         "image_slots": image_slots,
         "dream_slots": dream_slots,
@@ -85,6 +102,20 @@ def to_torch(batch: dict[str, np.ndarray], device: Any = "cpu") -> dict[str, Any
     import torch
 
     return {k: torch.as_tensor(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def _positions(doc_lengths: list[Any], num_tokens: int, seq_len: int, sample_id: str) -> np.ndarray:
+    """(T,) int64: 0..len-1 for each document in turn, the padding tail continuing the last one."""
+    lengths = np.asarray(doc_lengths, dtype=np.int64).reshape(-1)
+    if (lengths < 1).any() or int(lengths.sum()) != num_tokens:
+        raise ValueError(
+            f"sample {sample_id}: doc_lengths {lengths.tolist()} must be >= 1 each and sum to "
+            f"num_tokens={num_tokens}; the row is corrupt (re-run the tokenize stage)"
+        )
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else np.zeros(1, np.int64)
+    lengths = lengths.copy() if lengths.size else np.zeros(1, np.int64)
+    lengths[-1] += seq_len - num_tokens  # the padding tail belongs to the last document
+    return np.arange(seq_len, dtype=np.int64) - np.repeat(starts, lengths)
 
 
 def _sample_ids(columns: dict[str, Any], batch_size: int) -> list[str]:
@@ -138,4 +169,5 @@ def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """
     longest = int(batch["attention_mask"].sum(1).max()) if len(batch["attention_mask"]) else 0
     longest = max(longest, 1)
-    return {k: (v[:, :longest] if k in ("input_ids", "labels", "attention_mask") else v) for k, v in batch.items()}
+    tokens = ("input_ids", "labels", "attention_mask", "position_ids")
+    return {k: (v[:, :longest] if k in tokens else v) for k, v in batch.items()}

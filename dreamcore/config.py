@@ -49,6 +49,9 @@ class LLMConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 256
     gradient_checkpointing: bool = False
+    # transformers attention kernel ("sdpa", "eager", "flex_attention", "flash_attention_2"): packed
+    # rows get their per-document mask from position_ids under each; flash varlen skips the T x T mask.
+    attn_implementation: str = "sdpa"
 
 
 @dataclass

@@ -63,7 +63,7 @@ def llm_from_config(cfg: LLMConfig, tokenizer: Any) -> LlamaForCausalLM:
         pad_token_id=tokenizer.pad_id,
         tie_word_embeddings=False,
     )
-    conf._attn_implementation = "sdpa"
+    conf._attn_implementation = cfg.attn_implementation
     return LlamaForCausalLM(conf)
 
 
@@ -214,7 +214,13 @@ class DreamLLM(nn.Module):
         self._require("llm", "vision", "vision_proj", "dream_queries", "cond_proj", "decoder")
         input_ids, labels = batch["input_ids"], batch["labels"]
         images, image_slots, dream_slots = batch["images"], batch["image_slots"], batch["dream_slots"]
-        attention_mask = batch.get("attention_mask")
+        position_ids = batch.get("position_ids")
+        if position_ids is None or position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"batch['position_ids'] is {'missing' if position_ids is None else tuple(position_ids.shape)}; "
+                f"it must be (B, T) = {tuple(input_ids.shape)} like input_ids, restarting at 0 at each packed "
+                "document: build batches with dreamcore.batch.decode_batch"
+            )
         B, T = input_ids.shape
         self._check_slots(input_ids, images, image_slots, dream_slots)
 
@@ -235,7 +241,15 @@ class DreamLLM(nn.Module):
         embeds = flat.view(B, T, D)
 
         # 2. The LLM; its last hidden states feed both the LM head and the dream conditions.
-        h = self.hidden_states(embeds, attention_mask).last_hidden_state  # (B, T, D)
+        # Per-document attention in packed rows: with positions restarting at each document and no 2D
+        # mask, transformers builds the block-diagonal causal mask itself (masking_utils
+        # find_packed_sequence_indices; sdpa, eager, flex and flash varlen alike). Rows of one document
+        # count 0..T-1, so no mask is built and sdpa keeps its is_causal fast path. Padding is last and
+        # attention causal, so no real token sees padding: the batch's attention_mask is not needed.
+        # use_cache=False is required: config.use_cache (True) would give the body a DynamicCache, and
+        # with a cache transformers skips the packed-sequence detection (plain causal mask over the row).
+        h = self.hidden_states(embeds, None, position_ids=position_ids,
+                               use_cache=False).last_hidden_state  # (B, T, D)
         logits = self.llm.get_output_embeddings()(h[:, :-1])  # (B, T-1, V)
         targets = labels[:, 1:]
         n_targets = (targets != IGNORE_INDEX).sum()

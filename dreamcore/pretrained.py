@@ -30,7 +30,7 @@ def load_components(cfg: ModelConfig, components: Sequence[str] = LOADABLE) -> d
     """
     out: dict[str, nn.Module] = {}
     if "llm" in components and cfg.llm.name_or_path:
-        out["llm"] = load_llm(cfg.llm.name_or_path)
+        out["llm"] = load_llm(cfg.llm.name_or_path, cfg.llm.attn_implementation)
     if "vision" in components and cfg.vision.name_or_path:
         out["vision"] = load_vision(cfg.vision.name_or_path)
     if "decoder" in components and cfg.decoder.name_or_path:
@@ -38,9 +38,9 @@ def load_components(cfg: ModelConfig, components: Sequence[str] = LOADABLE) -> d
     return out
 
 
-def load_llm(name_or_path: str) -> PreTrainedModel:
+def load_llm(name_or_path: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """A causal LM (the LLaMA family) from a transformers folder or hub id."""
-    return _hf_load("llm", name_or_path, AutoModelForCausalLM)
+    return _hf_load("llm", name_or_path, AutoModelForCausalLM, attn_implementation=attn_implementation)
 
 
 def load_vision(name_or_path: str) -> CLIPVisionModel:
@@ -75,9 +75,9 @@ def load_decoder(cfg: DecoderConfig, name_or_path: str | None = None) -> Diffusi
     return DiffusionDecoder(cfg, unet, vae, sched)
 
 
-def _hf_load(component: str, path: str, cls: Any) -> Any:
+def _hf_load(component: str, path: str, cls: Any, **kwargs: Any) -> Any:
     try:
-        return cls.from_pretrained(path)
+        return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"cannot load {component}.name_or_path={path!r}: {_first_line(e)}. Use a local folder holding "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: doc_lengths (per-document attention and positions in packed rows)
 
 # One fixed-length training sample: one document or several packed ones.
 # images[i] belongs to the blocks at image_slots[i] (first <im_patch> slot of its comprehension
@@ -18,6 +18,7 @@ SAMPLE_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("doc_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("doc_lengths", pa.list_(pa.int32()), nullable=False),  # one per doc_ids entry
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("labels", pa.list_(pa.int32()), nullable=False),
         pa.field("num_tokens", pa.int32(), nullable=False),  # before padding

@@ -77,6 +77,7 @@ class PackedRow:
     labels: list[int]
     num_tokens: int  # before padding
     doc_ids: list[str]
+    doc_lengths: list[int]  # tokens of each doc_ids entry, in row order; they sum to num_tokens
     images: list[tuple[int, int]]  # (position of the document in pack()'s input, its image index)
     image_slots: list[int]
     dream_slots: list[int]
@@ -91,6 +92,7 @@ class PackedRow:
         return {
             "sample_id": sample_id,
             "doc_ids": list(self.doc_ids),
+            "doc_lengths": list(self.doc_lengths),
             "input_ids": list(self.input_ids),
             "labels": list(self.labels),
             "num_tokens": self.num_tokens,
@@ -500,7 +502,8 @@ class DreamTokenizer:
         """Greedy first-fit packing of documents into rows of `seq_len` tokens, <= max_images each.
 
         `packing=False` puts one document per row. Documents keep their own BOS/EOS; rows are padded
-        with pad_id (labels -100). Encode with max_len=seq_len and max_images first: a document that
+        with pad_id (labels -100). Each row records its documents' lengths (`doc_lengths`): training
+        restarts positions and masks attention per document, so a packed document sees only itself. Encode with max_len=seq_len and max_images first: a document that
         alone exceeds a row is an error, not a silent cut.
         """
         if doc_ids is None:
@@ -545,12 +548,14 @@ class DreamTokenizer:
     def _fill_row(
         self, docs: Sequence[EncodedDocument], doc_ids: Sequence[str], members: list[int], seq_len: int
     ) -> PackedRow:
-        row = PackedRow([], [], 0, [], [], [], [])
+        row = PackedRow(input_ids=[], labels=[], num_tokens=0, doc_ids=[], doc_lengths=[], images=[],
+                        image_slots=[], dream_slots=[])
         for pos in members:
             doc, offset = docs[pos], len(row.input_ids)
             row.input_ids.extend(doc.input_ids)
             row.labels.extend(doc.labels)
             row.doc_ids.append(doc_ids[pos])
+            row.doc_lengths.append(len(doc))
             for img, islot, dslot in zip(doc.image_indices, doc.image_slots, doc.dream_slots):
                 row.images.append((pos, img))
                 row.image_slots.append(islot + offset if islot >= 0 else -1)

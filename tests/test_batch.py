@@ -1,4 +1,5 @@
-"""decode_batch / to_torch: shapes, dtypes, padding, resize, error messages, and a run inside Ray Data."""
+"""decode_batch / to_torch: shapes, dtypes, padding, per-document positions, resize, error messages,
+and a run inside Ray Data."""
 
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ def _png(color: tuple[int, int, int], size: int) -> bytes:
     return buf.getvalue()
 
 
-def _row(sample_id: str, t: int, num_tokens: int, images: list[bytes], slots: list[tuple[int, int]]) -> dict:
+def _row(sample_id: str, t: int, num_tokens: int, images: list[bytes], slots: list[tuple[int, int]],
+         doc_lengths: list[int] | None = None) -> dict:
+    doc_lengths = [num_tokens] if doc_lengths is None else doc_lengths  # default: one document
     return {
         "sample_id": sample_id,
-        "doc_ids": [sample_id],
+        "doc_ids": [f"{sample_id}/{i}" for i in range(len(doc_lengths))],
+        "doc_lengths": doc_lengths,
         "input_ids": list(range(1, num_tokens + 1)) + [0] * (t - num_tokens),
         "labels": list(range(1, num_tokens + 1)) + [-100] * (t - num_tokens),
         "num_tokens": num_tokens,
@@ -50,8 +54,9 @@ def test_shapes_and_dtypes(cfg):
     res = cfg.image_resolution
     rows = [_row("a", 24, 20, [_png((255, 0, 0), res)], [(10, 3)]), _row("b", 24, 5, [], [])]
     out = decode_batch(_columns(rows), cfg)
-    assert set(out) == {"input_ids", "labels", "attention_mask", "images", "image_slots", "dream_slots"}
-    for key in ("input_ids", "labels", "attention_mask"):
+    assert set(out) == {"input_ids", "labels", "attention_mask", "position_ids", "images", "image_slots",
+                        "dream_slots"}
+    for key in ("input_ids", "labels", "attention_mask", "position_ids"):
         assert out[key].shape == (2, 24) and out[key].dtype == np.int64
     assert out["images"].shape == (2, 3, res, res, 3) and out["images"].dtype == np.uint8
     for key in ("image_slots", "dream_slots"):
@@ -69,6 +74,26 @@ def test_padding_of_images_slots_and_mask(cfg):
     assert (out["images"][0, 1] == [0, 0, 255]).all()
     assert (out["images"][0, 2] == 0).all()  # padding image slot
     assert out["labels"][0, 20:].tolist() == [-100] * 4
+
+
+def test_positions_restart_at_each_packed_document(cfg):
+    rows = [_row("packed", 24, 20, [], [], doc_lengths=[8, 5, 7]), _row("one", 24, 20, [], []),
+            _row("full", 24, 24, [], [], doc_lengths=[20, 4])]
+    pos = decode_batch(_columns(rows), cfg)["position_ids"]
+    # The padding tail continues the last document's count; a one-document row is exactly 0..T-1.
+    assert pos[0].tolist() == [*range(8), *range(5), *range(11)]
+    assert pos[1].tolist() == list(range(24))
+    assert pos[2].tolist() == [*range(20), *range(4)]
+
+
+def test_rows_without_doc_lengths_or_with_wrong_ones_are_refused(cfg):
+    old = _columns([_row("a", 24, 20, [], [])])
+    del old["doc_lengths"]  # curated before schema version 2
+    with pytest.raises(ValueError, match=r"no doc_lengths column.*re-curate"):
+        decode_batch(old, cfg)
+    for lengths in ([8, 5], [20, 0], []):
+        with pytest.raises(ValueError, match=r"sample bad: doc_lengths .* sum to num_tokens=20"):
+            decode_batch(_columns([_row("bad", 24, 20, [], [], doc_lengths=lengths)]), cfg)
 
 
 def test_resize_when_stored_at_other_resolution(cfg):
@@ -113,20 +138,21 @@ def test_ragged_rows_and_slot_mismatch_are_named(cfg):
     with pytest.raises(ValueError, match="sample odd: 1 images but 0 image_slots"):
         decode_batch(_columns(rows), cfg)
     with pytest.raises(ValueError, match=r"columns \['images'"):
-        decode_batch({"input_ids": [[1]], "labels": [[1]], "num_tokens": [1], "image_slots": [[]],
-                      "dream_slots": [[]]}, cfg)
+        decode_batch({"input_ids": [[1]], "labels": [[1]], "num_tokens": [1], "doc_lengths": [[1]],
+                      "image_slots": [[]], "dream_slots": [[]]}, cfg)
 
 
 def test_numpy_object_columns_like_ray_data(cfg):
     """Ray Data's numpy format hands list columns as object arrays of arrays."""
     res = cfg.image_resolution
-    rows = [_row("a", 24, 20, [_png((9, 9, 9), res)], [(10, 3)])]
+    rows = [_row("a", 24, 20, [_png((9, 9, 9), res)], [(10, 3)], doc_lengths=[12, 8])]
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     assert columns["images"].dtype == object
     out = decode_batch(columns, cfg)
     assert out["image_slots"][0].tolist() == [10, -1, -1]
     assert out["images"][0, 0, 0, 0].tolist() == [9, 9, 9]
+    assert out["position_ids"][0].tolist() == [*range(12), *range(12)]
 
 
 def test_to_torch_keeps_dtypes(cfg):
@@ -135,6 +161,7 @@ def test_to_torch_keeps_dtypes(cfg):
     res = cfg.image_resolution
     out = to_torch(decode_batch(_columns([_row("a", 24, 20, [_png((1, 2, 3), res)], [(10, 3)])]), cfg))
     assert out["input_ids"].dtype == torch.int64 and out["images"].dtype == torch.uint8
+    assert out["position_ids"].dtype == torch.int64
     assert tuple(out["images"].shape) == (1, 3, res, res, 3)
     assert out["input_ids"].device.type == "cpu"
 
@@ -166,6 +193,7 @@ def test_decode_batch_inside_ray_data_map_batches(cfg, tmp_path, ray_session):
     assert got["input_ids"].shape == (len(records), cfg.max_seq_len)
     assert got["images"].shape == (len(records), cfg.images_per_sample, res, res, 3)
     assert int(got["attention_mask"].sum()) == sum(r.num_tokens for r in rows)
+    assert (got["position_ids"] == np.arange(cfg.max_seq_len)).all()  # one document a row
     expected_slots = sorted(tuple(r.image_slots + [-1] * (cfg.images_per_sample - len(r.image_slots)))
                             for r in rows)
     assert sorted(tuple(s) for s in got["image_slots"].tolist()) == expected_slots
@@ -181,8 +209,9 @@ def test_trim_padding_keeps_every_real_token_and_slot():
         ids[r, :n] = np.arange(1, n + 1)
         mask[r, :n] = 1
     batch = {"input_ids": ids, "labels": ids.copy(), "attention_mask": mask,
-             "images": np.zeros((3, 2, 4, 4, 3), np.uint8), "image_slots": np.full((3, 2), -1),
+             "position_ids": np.broadcast_to(np.arange(16), (3, 16)).copy(), "images": np.zeros((3, 2, 4, 4, 3), np.uint8), "image_slots": np.full((3, 2), -1),
              "dream_slots": np.full((3, 2), -1)}
     out = trim_padding(batch)
     assert out["input_ids"].shape == (3, 9) and out["attention_mask"].sum() == mask.sum()
     assert np.array_equal(out["input_ids"], ids[:, :9]) and out["images"].shape == (3, 2, 4, 4, 3)
+    assert out["position_ids"].shape == (3, 9)

@@ -213,6 +213,7 @@ def test_packing_offsets(tok):
     seq_len = len(docs[0]) + len(docs[1]) + 2
     rows = tok.pack(docs, seq_len=seq_len, max_images=3, doc_ids=["a", "b", "c"])
     assert [r.doc_ids for r in rows] == [["a", "b"], ["c"]]
+    assert [r.doc_lengths for r in rows] == [[len(docs[0]), len(docs[1])], [len(docs[2])]]
     r = rows[0]
     off = len(docs[0])
     assert r.images == [(0, 0), (1, 0), (1, 1)]
@@ -239,6 +240,7 @@ def test_no_packing_mode_one_document_per_row(tok):
     docs = [tok.encode_document(["a"]), tok.encode_document(["b"])]
     rows = tok.pack(docs, seq_len=32, max_images=1, packing=False)
     assert [r.doc_ids for r in rows] == [["0"], ["1"]]
+    assert [r.doc_lengths for r in rows] == [[len(docs[0])], [len(docs[1])]]
     assert all(len(r.input_ids) == 32 for r in rows)
 
 
@@ -255,6 +257,8 @@ def test_packed_row_to_sample_matches_schema(tok):
 
     rows = tok.pack([tok.encode_document(["a", 0])], seq_len=32, max_images=2)
     record = rows[0].to_sample("s0", [b"png"])
+    assert set(record) == set(SAMPLE_SCHEMA.names)
+    assert record["doc_lengths"] == [record["num_tokens"]]
     table = pa.Table.from_pylist([record], schema=SAMPLE_SCHEMA)
     assert table.num_rows == 1
     with pytest.raises(ValueError, match="sample s0: 0 image payloads for 1"):
@@ -379,6 +383,8 @@ def test_packing_equals_plain_first_fit(tok):
         fill[r] = (fill[r][0] + n, fill[r][1] + k)
     rows = tok.pack(docs, seq_len, max_images)
     assert [[int(i) for i in r.doc_ids] for r in rows] == expected
+    assert all(r.doc_lengths == [len(docs[int(i)]) for i in r.doc_ids] for r in rows)
+    assert all(sum(r.doc_lengths) == r.num_tokens for r in rows)
 
 
 def test_gpt2_style_tokenizer_with_shared_bos_eos_and_own_pad(tmp_path):
