@@ -154,7 +154,7 @@ def _build_skeleton(
     modules: dict[str, nn.Module] = {}
     if "llm" in components:
         llm_conf = AutoConfig.for_model(arch["llm"]["model_type"], **_without(arch["llm"], "model_type"))
-        modules["llm"] = AutoModelForCausalLM.from_config(llm_conf)
+        modules["llm"] = AutoModelForCausalLM.from_config(llm_conf, attn_implementation=cfg.llm.attn_implementation)
     if "vision" in components:
         modules["vision"] = CLIPVisionModel(CLIPVisionConfig(**_without(arch["vision"], "model_type")))
     if "decoder" in components:
