@@ -37,12 +37,19 @@ def shape_png(colour: str, shape: str, size: int) -> bytes:
     return render_png(f"{colour}-{shape}-large-center-v0", size)
 
 
-def make_data_folder(root: Path, cfg: ModelConfig, num_docs: int = 48, rows_per_shard: int = 16) -> Path:
-    """Write `num_docs` one-image documents as SAMPLE_SCHEMA shards + manifest + tokenizer."""
+def make_data_folder(root: Path, cfg: ModelConfig, num_docs: int = 48, rows_per_shard: int = 16,
+                     extra_tokenizer_texts: tuple[str, ...] = (), prefix: str = "") -> Path:
+    """Write `num_docs` one-image documents as SAMPLE_SCHEMA shards + manifest + tokenizer.
+
+    The tokenizer is a BPE trained on the captions (the same one in every folder, as curation with
+    one tokenizer gives), plus `extra_tokenizer_texts` (a different one: a mixture must refuse it).
+    `prefix` goes before sample and document ids, so folders of a mixture can be told apart.
+    """
     root.mkdir(parents=True, exist_ok=True)
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     captions = [f"a {c} {s}." for c, s in pairs] + [f"here is a {c} {s}, drawn on white." for c, s in pairs]
-    tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries, captions * 4)
+    texts = captions * 4 + list(extra_tokenizer_texts)
+    tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries, texts)
     tok.save_pretrained(root / "tokenizer")
 
     rows = []
@@ -50,8 +57,9 @@ def make_data_folder(root: Path, cfg: ModelConfig, num_docs: int = 48, rows_per_
         colour, shape = pairs[i % len(pairs)]
         parts = [f"here is a {colour} {shape}", 0, "drawn on white."]
         enc = tok.encode_document(parts, max_len=cfg.max_seq_len, max_images=cfg.images_per_sample)
-        (row,) = tok.pack([enc], cfg.max_seq_len, cfg.images_per_sample, doc_ids=[f"doc{i}"], packing=False)
-        rows.append(row.to_sample(f"s{i:04d}", [shape_png(colour, shape, cfg.image_resolution)]))
+        (row,) = tok.pack([enc], cfg.max_seq_len, cfg.images_per_sample, doc_ids=[f"{prefix}doc{i}"],
+                          packing=False)
+        rows.append(row.to_sample(f"{prefix}s{i:04d}", [shape_png(colour, shape, cfg.image_resolution)]))
     for shard, start in enumerate(range(0, len(rows), rows_per_shard)):
         table = pa.Table.from_pylist(rows[start:start + rows_per_shard], schema=SAMPLE_SCHEMA)
         pq.write_table(table, root / f"samples-{shard:05d}.parquet")

@@ -129,9 +129,24 @@ def test_train_layers_yaml_then_set_then_flags(tmp_path):
 def test_train_python_api_matches_the_flags():
     from pipelines.train.config import load_train_config
 
-    api = load_train_config("tiny", None, ["scaling.workers=5"], stage="SFT", workers=2, gpu=True)
+    api = load_train_config("tiny", None, ["scaling.workers=5"], stage="SFT", workers=2, gpu=True, data=["data"])
     cli = load("train", *REQUIRED["train"], "--set", "scaling.workers=5", "--stage", "SFT", "--workers", "2", "--gpu")
     assert api == cli
+
+
+def test_train_data_is_repeatable_with_weights(tmp_path):
+    from pipelines.train.config import MixtureEntry
+
+    cfg = load("train", "--data", "s3://b/mmc4@0.6", "--data", "pairs@0.4", "--data", "more", "--output", "run")
+    assert cfg.data.mixture == [MixtureEntry("s3://b/mmc4", 0.6), MixtureEntry("pairs", 0.4), MixtureEntry("more", 1.0)]
+    # a mixture in the YAML needs no --data; --data, like every flag, replaces it
+    path = yaml_file(tmp_path, "data:\n  mixture:\n    - {path: a, weight: 2}\n    - {path: b}\n")
+    assert [e.path for e in load("train", "--config", path, "--output", "run").data.mixture] == ["a", "b"]
+    assert [e.path for e in load("train", "--config", path, "--data", "c", "--output", "run").data.mixture] == ["c"]
+    with pytest.raises(ConfigError, match="no training data"):
+        load("train", "--output", "run")
+    with pytest.raises(ConfigError, match="weights must be > 0"):
+        load("train", "--data", "a@0", "--output", "run")
 
 
 def test_train_bad_values_exit_2(tmp_path, capsys):

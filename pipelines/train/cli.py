@@ -1,7 +1,8 @@
-"""`dreamcore train`: pretrain on Ray Train + DeepSpeed over a curated data folder.
+"""`dreamcore train`: pretrain on Ray Train + DeepSpeed over one curated data folder or a weighted mixture.
 
 Examples:
   dreamcore train --data demo-output/data --output runs/tiny --model tiny --set max_steps=300
+  dreamcore train --data /nfs/mmc4-tok@0.6 --data /nfs/pairs-tok@0.4 --output /nfs/runs/stage2 ...
   dreamcore train --data /nfs/mmc4-tok --output /nfs/runs/stage2 --model dreamllm-7b --gpu \
       --workers 64 --stage II --set init_from=/nfs/runs/stage1/model --address ray://head:10001
 Running the same command again with the same --output resumes from its latest checkpoint.
@@ -14,8 +15,8 @@ import argparse
 import sys
 
 from dreamcore.config import PRESETS, STAGES, ConfigError, preset
-from pipelines.cli_args import Flag, add_config_arguments, config_from_args
-from pipelines.train.config import TrainConfig
+from pipelines.cli_args import Flag, add_config_arguments, apply_flags, config_from_args
+from pipelines.train.config import TrainConfig, mixture_from_data_args
 
 # Named flags: shorthands for one TrainConfig key each, applied after --set.
 FLAGS = (
@@ -27,7 +28,11 @@ FLAGS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="curated data folder (Parquet shards, manifest, tokenizer/)")
+    parser.add_argument("--data", action="append", metavar="FOLDER[@WEIGHT]",
+                        help="curated data folder (Parquet shards, manifest, tokenizer/); repeat it for a "
+                             "weighted mixture, e.g. --data mmc4@0.6 --data pairs@0.4 (weights default to 1; "
+                             "= --set data.mixture=[{path: FOLDER, weight: WEIGHT}, ...]; needed unless "
+                             "--config sets data.mixture)"),
     parser.add_argument("--output", required=True, help="run folder: checkpoints, metrics, model/ export")
     parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
                         help="model preset the configuration starts from (default tiny)")
@@ -37,8 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> TrainConfig:
-    """The validated TrainConfig of a parsed `dreamcore train` command line."""
-    return config_from_args(TrainConfig(model=preset(args.model)), args, FLAGS).validate()
+    """The validated TrainConfig of a parsed `dreamcore train` command line.
+
+    `--data` (repeatable, FOLDER[@WEIGHT]) is applied with the named flags: it replaces data.mixture.
+    """
+    cfg = config_from_args(TrainConfig(model=preset(args.model)), args, FLAGS)
+    cfg = apply_flags(cfg, {"data.mixture": mixture_from_data_args(args.data)}).validate()
+    if not cfg.data.mixture:
+        raise ConfigError("no training data: give --data FOLDER[@WEIGHT] (repeatable), or data.mixture "
+                          "(a list of {path, weight}) in --config")
+    return cfg
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         cfg = load(args)
-        result = train(cfg, args.data, args.output, address=args.address)
+        result = train(cfg, None, args.output, address=args.address)
     except ConfigError as e:
         print(f"dreamcore train: {e}", file=sys.stderr)
         return 2

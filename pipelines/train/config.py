@@ -7,6 +7,8 @@ hand, so a run's `train_config.yaml` in the run folder is the whole truth about 
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +48,22 @@ class CheckpointSettings:
 
 
 @dataclass
+class MixtureEntry:
+    """One curated data folder of the training mixture and its share of the rows."""
+
+    path: str = ""
+    weight: float = 1.0  # relative; the weights of a mixture are normalised to sum to 1
+    name: str = ""  # in metrics (rows_<name>) and checkpoints; "" = the folder's name
+
+
+@dataclass
 class DataSettings:
     """How Ray Data feeds the workers; the order is a pure function of (seed, epoch) for resume."""
 
+    # The curated folders to train on and their shares of the rows (DreamLLM stage II: MMC4
+    # documents 0.6 + caption pairs 0.4). Empty: the one folder given to train(cfg, data_dir, ...).
+    # Every micro-batch holds each folder's share of its rows (pipelines/train/data.py: mix_counts).
+    mixture: list[MixtureEntry] = field(default_factory=list)
     shuffle_seed: int = 0
     # Rows in each worker's local shuffle buffer (reseeded every epoch); 0 = file order. Well above
     # micro_batch_size, or every epoch replays nearly the same batches (docs/architecture.md).
@@ -58,7 +73,28 @@ class DataSettings:
     # Keep the DECODED dataset in Ray's object store across epochs when it is at most this many MiB
     # (estimated from the shards' row count and one decoded sample); 0 = always stream. Streaming
     # re-reads and re-decodes every epoch, and each restart costs seconds (docs/architecture.md).
+    # A mixture shares this budget: its folders are cached smallest first while they fit (the small
+    # ones restart their epochs most often).
     cache_max_mib: int = 1024
+
+    def weights(self) -> list[float]:
+        """The mixture's weights, normalised to sum to 1."""
+        total = sum(e.weight for e in self.mixture)
+        return [e.weight / total for e in self.mixture]
+
+    def names(self) -> list[str]:
+        """One distinct name per mixture entry: its `name`, else its folder's name (+ _<index> if taken)."""
+        taken = {e.name for e in self.mixture if e.name}
+        names: list[str] = []
+        for i, e in enumerate(self.mixture):
+            name = e.name
+            if not name:
+                name = _safe_name(e.path).strip("_") or f"d{i}"
+                while name in taken:
+                    name = f"{name}_{i}"
+                taken.add(name)
+            names.append(name)
+        return names
 
 
 @dataclass
@@ -115,6 +151,7 @@ class TrainConfig:
             (self.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1"),
             (self.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0 = file order)"),
             (self.data.cache_max_mib >= 0, "data.cache_max_mib must be >= 0 (0 = always stream)"),
+            *self._mixture_checks(),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
             (self.scaling.workers >= 0, "scaling.workers must be >= 0"),
             (self.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker must be > 0"),
@@ -132,6 +169,21 @@ class TrainConfig:
             )
         return self
 
+    def _mixture_checks(self) -> list[tuple[bool, str]]:
+        checks = []
+        for i, e in enumerate(self.data.mixture):
+            checks += [
+                (bool(e.path), f"data.mixture[{i}].path is empty; give a curated data folder"),
+                (math.isfinite(e.weight) and e.weight > 0,
+                 f"data.mixture[{i}].weight={e.weight} ({e.path}): weights must be > 0"),
+                (not e.name or _safe_name(e.name) == e.name,
+                 f"data.mixture[{i}].name={e.name!r}: use letters, digits, '-' and '_' only"),
+            ]
+        explicit = [e.name for e in self.data.mixture if e.name]
+        dupes = sorted({n for n in explicit if explicit.count(n) > 1})
+        checks.append((not dupes, f"data.mixture names {dupes} are used twice; give each entry its own name"))
+        return checks
+
     @property
     def precision(self) -> str:
         """The precision this run uses: bf16 on GPU, fp32 on CPU, unless set explicitly."""
@@ -143,6 +195,32 @@ class TrainConfig:
         return self.micro_batch_size * self.grad_accum * max(1, world_size)
 
 
+def _safe_name(text: str) -> str:
+    """A metrics-friendly name: the last path part, other characters than [A-Za-z0-9_-] as '_'."""
+    last = text.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", last)
+
+
+def parse_data_arg(text: str) -> dict[str, str | float]:
+    """One `--data` value, `PATH` or `PATH@WEIGHT`, as a data.mixture entry.
+
+    `@` (not `=` or `:`) keeps s3:// URIs and Windows drives whole; a PATH that itself holds an `@`
+    counts as a weight only when what follows the last `@` is a number.
+    """
+    path, sep, weight = text.rpartition("@")
+    if sep and path:
+        try:
+            return {"path": path, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"path": text, "weight": 1.0}
+
+
+def mixture_from_data_args(data: list[str] | None) -> list[dict[str, str | float]] | None:
+    """The data.mixture of repeated `--data PATH[@WEIGHT]` values (None: not given)."""
+    return [parse_data_arg(d) for d in data] if data else None
+
+
 def load_train_config(
     preset_name: str = "tiny",
     path: str | Path | None = None,
@@ -150,14 +228,17 @@ def load_train_config(
     stage: str | None = None,
     workers: int | None = None,
     gpu: bool | None = None,
+    data: list[str] | None = None,
 ) -> TrainConfig:
     """Preset model + defaults <- YAML <- `key=value` overrides <- the keyword values; validated.
 
     The keywords are the Python spelling of `dreamcore train`'s named flags (pipelines/train/cli.py),
-    applied last by the same `apply_flags`; None (and gpu=False) leaves a key as it is.
+    applied last by the same `apply_flags`; None (and gpu=False) leaves a key as it is. `data` is
+    `--data` (repeatable): `["PATH@0.6", "PATH2@0.4"]` replaces data.mixture.
     """
     from pipelines.cli_args import apply_flags
 
     cfg = load_config(TrainConfig(model=preset(preset_name)), path, overrides)
-    values = {"model.stage": stage, "scaling.workers": workers, "scaling.gpu": True if gpu else None}
+    values = {"model.stage": stage, "scaling.workers": workers, "scaling.gpu": True if gpu else None,
+              "data.mixture": mixture_from_data_args(data)}
     return apply_flags(cfg, values).validate()

@@ -1,6 +1,7 @@
 """The driver side: check inputs, write the run's configs, launch TorchTrainer, report the result.
 
-`train(cfg, data_dir, run_dir)` is the function a Ray job calls. The run folder is Ray Train's
+`train(cfg, data_dir, run_dir)` is the function a Ray job calls; `data_dir` is one curated folder,
+or None to train on the folders and weights of `cfg.data.mixture`. The run folder is Ray Train's
 storage for this run (`RunConfig(storage_path=parent, name=folder name)`): relaunching with the same
 folder resumes from its latest checkpoint. It also holds train_config.yaml, deepspeed_config.json,
 metrics.jsonl/.csv, tensorboard/ and, at the end, model/ (the export that serving loads).
@@ -10,13 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dreamcore.config import ConfigError, save_yaml, to_dict
-from pipelines.train.config import TrainConfig
-from pipelines.train.data import build_dataset, check_data_folder, decoded_size_mib, read_manifest
+from pipelines.train.config import MixtureEntry, TrainConfig
+from pipelines.train.data import (
+    build_dataset,
+    check_data_folder,
+    dataset_key,
+    decoded_size_mib,
+    read_manifest,
+)
 from pipelines.train.deepspeed_config import deepspeed_config
 from pipelines.train.loop import say, train_loop_per_worker
 
@@ -53,6 +62,91 @@ def _check_model_matches_data(cfg: TrainConfig, data_dir: Path) -> None:
             )
 
 
+def resolve_mixture(cfg: TrainConfig, data_dir: str | Path | None) -> TrainConfig:
+    """`cfg` with data.mixture as this run trains on it: absolute paths, names, normalised weights.
+
+    `data_dir` (one folder) is a mixture of one; it and a configured data.mixture are exclusive.
+    """
+    mixture = cfg.data.mixture
+    if data_dir is not None:
+        if mixture:
+            raise ConfigError(
+                f"train data given twice: data_dir={data_dir} and data.mixture "
+                f"({', '.join(e.path for e in mixture)}); give one of them"
+            )
+        mixture = [MixtureEntry(path=str(data_dir))]
+    if not mixture:
+        raise ConfigError("no training data: pass --data FOLDER[@WEIGHT] (repeatable) or set data.mixture "
+                          "(a list of {path, weight}) in --config")
+    data = replace(cfg.data, mixture=[replace(e, path=str(Path(e.path).resolve())) for e in mixture])
+    entries = [MixtureEntry(path=e.path, weight=w, name=n)
+               for e, w, n in zip(data.mixture, data.weights(), data.names())]
+    return replace(cfg, data=replace(data, mixture=entries)).validate()
+
+
+def _check_same_tokenizer(folders: list[Path]) -> None:
+    """Every folder of a mixture must hold the same tokenizer: the model loads the first one's."""
+    if len(folders) < 2:
+        return
+    from dreamcore.tokenizer import DreamTokenizer
+
+    def content_hash(folder: Path) -> str:
+        try:
+            return DreamTokenizer.from_pretrained(folder / "tokenizer").content_hash()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--data {folder}: cannot load tokenizer/ ({e})") from None
+
+    first = content_hash(folders[0])
+    for folder in folders[1:]:
+        if content_hash(folder) != first:
+            raise ConfigError(
+                f"--data {folder}: its tokenizer/ differs from the one in {folders[0]} (the model loads the "
+                f"first folder's), so its token ids mean other tokens; curate every folder of a mixture with one "
+                f"tokenizer: re-run curation of {folder} with "
+                f"--set model_overrides.tokenizer.name_or_path={folders[0] / 'tokenizer'}"
+            )
+
+
+def _check_same_mixture(cfg: TrainConfig, run_dir: Path) -> None:
+    """A relaunch resumes each folder's position: the checkpointed run's mixture must be this one."""
+    previous = run_dir / "train_config.yaml"
+    if not previous.is_file() or not any(p.is_dir() for p in run_dir.glob("checkpoint_*")):
+        return
+    before = ((yaml.safe_load(previous.read_text()) or {}).get("data") or {}).get("mixture")
+    if not before:  # a run folder from before mixtures: one folder, nothing to compare
+        return
+    old = [(e.get("name"), round(float(e.get("weight", 0)), 6)) for e in before]
+    new = [(e.name, round(e.weight, 6)) for e in cfg.data.mixture]
+    if old != new:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a run on the mixture {_show(old)}, this launch gives {_show(new)}; "
+            "a relaunch resumes each folder where it stopped, so give the same --data folders and weights, "
+            "or train into a new --output (with --set init_from=<previous export> to continue from its weights)"
+        )
+
+
+def _show(mixture: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{name}@{weight:g}" for name, weight in mixture)
+
+
+def _cache_or_stream(datasets: list[Any], files: list[list[Path]], cfg: TrainConfig) -> list[Any]:
+    """Decode small folders once into the object store (smallest first, all within data.cache_max_mib);
+    the others stream (re-read and re-decode) every epoch."""
+    sizes = [decoded_size_mib(f, cfg.model) for f in files]
+    names, budget = cfg.data.names(), cfg.data.cache_max_mib
+    out = list(datasets)
+    for i in sorted(range(len(datasets)), key=lambda j: sizes[j]):
+        if 0 < sizes[i] <= budget:
+            budget -= sizes[i]
+            out[i] = datasets[i].materialize()
+            say(f"[train] {names[i]}: decoded dataset cached in the object store: {out[i].count():,} rows, "
+                f"~{sizes[i]:.0f} MiB (data.cache_max_mib={cfg.data.cache_max_mib})")
+        else:
+            say(f"[train] {names[i]}: streaming the dataset each epoch (~{sizes[i]:.0f} MiB decoded; "
+                f"{budget:.0f} MiB of data.cache_max_mib={cfg.data.cache_max_mib} left)")
+    return out
+
+
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if cfg.scaling.gpu else "cpu"
@@ -60,18 +154,25 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 def train(
-    cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, address: str | None = None
+    cfg: TrainConfig, data_dir: str | Path | None, run_dir: str | Path, address: str | None = None
 ) -> TrainResult:
-    """Pretrain on Ray Train + DeepSpeed; resumes if `run_dir` already holds checkpoints of this run."""
+    """Pretrain on Ray Train + DeepSpeed; resumes if `run_dir` already holds checkpoints of this run.
+
+    `data_dir`: one curated folder; None: the folders and weights of `cfg.data.mixture`.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg.validate()
-    data_dir, run_dir = Path(data_dir).resolve(), Path(run_dir).resolve()
+    cfg = resolve_mixture(cfg.validate(), data_dir)
+    run_dir = Path(run_dir).resolve()
+    folders = [Path(e.path) for e in cfg.data.mixture]
     # 1. Check inputs before any cluster time is spent.
-    files = check_data_folder(data_dir, cfg.model)
-    _check_model_matches_data(cfg, data_dir)
+    files = [check_data_folder(folder, cfg.model) for folder in folders]
+    for folder in folders:
+        _check_model_matches_data(cfg, folder)
+    _check_same_tokenizer(folders)
+    _check_same_mixture(cfg, run_dir)
     if cfg.init_from and not Path(cfg.init_from).is_dir():
         raise ConfigError(f"init_from={cfg.init_from}: no such folder; give the model/ folder of the previous stage")
 
@@ -81,20 +182,14 @@ def train(
     save_yaml(cfg, run_dir / "train_config.yaml")
     (run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(cfg, world), indent=2) + "\n")
 
-    # 3. Ray: a cluster address, or a local Ray sized to this machine.
+    # 3. Ray: a cluster address, or a local Ray sized to this machine. One dataset per folder.
     env = _worker_env(cfg)
     if not ray.is_initialized():
         ray.init(address=address, runtime_env={"env_vars": env})
-    dataset = build_dataset(files, cfg.model, cfg.data.decode_batch_rows)
-    size = decoded_size_mib(files, cfg.model)
-    if 0 < size <= cfg.data.cache_max_mib:
-        # Small corpus: decode once, keep the blocks (in order) in the object store for all epochs.
-        dataset = dataset.materialize()
-        say(f"[train] decoded dataset cached in the object store: {dataset.count():,} rows, ~{size:.0f} MiB "
-            f"(data.cache_max_mib={cfg.data.cache_max_mib})")
-    else:
-        say(f"[train] streaming the dataset each epoch (~{size:.0f} MiB decoded > data.cache_max_mib="
-            f"{cfg.data.cache_max_mib})")
+    datasets = [build_dataset(f, cfg.model, cfg.data.decode_batch_rows) for f in files]
+    datasets = _cache_or_stream(datasets, files, cfg)
+    if len(folders) > 1:
+        say("[train] mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.data.names(), cfg.data.weights())))
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the data position of a checkpoint must mean the same rows on resume
 
@@ -102,7 +197,7 @@ def train(
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "data_dir": str(data_dir), "run_dir": str(run_dir)},
+        train_loop_config={"train": to_dict(cfg), "run_dir": str(run_dir)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu, resources_per_worker=resources
@@ -114,7 +209,7 @@ def train(
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             worker_runtime_env={"env_vars": env},
         ),
-        datasets={"train": dataset},
+        datasets={dataset_key(i): ds for i, ds in enumerate(datasets)},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     result = trainer.fit()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from dreamcore.config import from_dict
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import DataPosition, iterate_batches
+from pipelines.train.data import DataPosition, dataset_key, iterate_batches
 from pipelines.train.deepspeed_config import deepspeed_config
 from pipelines.train.metrics import MetricsWriter, mfu, peak_flops, progress_line, train_flops_per_token
 
@@ -57,7 +57,8 @@ class TrainerState:
 
     step: int = 0
     elapsed_s: float = 0.0  # training time over all attempts (for max_minutes and the log)
-    positions: dict[str, dict[str, int]] = field(default_factory=dict)  # rank -> DataPosition
+    # rank -> DataPosition.to_dict(): folder name -> {epoch, rows_done, rows_total}
+    positions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Worker:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point; `config` = {"train": TrainConfig dict, "data_dir", "run_dir"}."""
+    """Ray Train entry point; `config` = {"train": TrainConfig dict (its data.mixture resolved), "run_dir"}."""
     cfg = from_dict(TrainConfig, config["train"]).validate()
 
     # 1. Process group, device, torch threads, seed
@@ -83,11 +84,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # 2. Where the run stands, and this rank's data stream from there. The stream starts before
     #    the model is built, so Ray Data's first batch (task start-up, PNG decode) loads meanwhile.
     state, checkpoint = read_state()
-    position = DataPosition(**state.positions.get(str(w.rank), {}))
+    position = DataPosition.from_dict(state.positions.get(str(w.rank), {}), cfg.data.names(), cfg.micro_batch_size)
     batches, first_batch = _start_batches(w, position)
 
-    # 3. Tokenizer, model with the stage's freezing, DeepSpeed engine over the trainable parameters
-    tokenizer, engine, scheduler = _build_engine(w, Path(config["data_dir"]))
+    # 3. Tokenizer (the mixture's first folder's; all are checked to be equal), model with the
+    #    stage's freezing, DeepSpeed engine over the trainable parameters
+    tokenizer, engine, scheduler = _build_engine(w, Path(cfg.data.mixture[0].path))
 
     # 4. Model, optimizer, scheduler and RNG from the checkpoint (the data position was applied in 2);
     #    then wait for the first batch, so the step clocks count training only
@@ -190,13 +192,14 @@ def read_state() -> tuple[TrainerState, Any]:
     return state, checkpoint
 
 
-def _start_batches(w: Worker, position: DataPosition) -> tuple[Iterator[dict[str, Any]], Future]:
-    """This rank's endless micro-batches from `position`, and its first batch, fetched in a thread."""
+def _start_batches(w: Worker, position: DataPosition) -> tuple[Iterator[tuple[dict[str, Any], list[int]]], Future]:
+    """This rank's endless (micro-batch, rows per folder) from `position`, and the first, fetched in a thread."""
     import ray.train
 
     cfg = w.cfg
+    shards = [ray.train.get_dataset_shard(dataset_key(i)) for i in range(len(cfg.data.mixture))]
     batches = iterate_batches(
-        ray.train.get_dataset_shard("train"), cfg.micro_batch_size, position, cfg.seed, w.rank,
+        shards, cfg.data.names(), cfg.data.weights(), cfg.micro_batch_size, position, cfg.seed, w.rank,
         cfg.data.shuffle_buffer, cfg.data.prefetch_batches,
     )
     prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
@@ -292,7 +295,7 @@ def _resume(w: Worker, engine: Any, scheduler: Any, checkpoint: Any, state: Trai
         return
     restore_engine(engine, checkpoint, w.rank)
     if w.rank == 0:
-        say(f"[train] resumed at step {state.step} (epoch {position.epoch}, batch {position.batches_done})")
+        say(f"[train] resumed at step {state.step} ({position.describe()})")
 
 
 def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
@@ -309,7 +312,7 @@ def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
 # 5. Steps
 
 
-def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[dict[str, Any]],
+def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[tuple[dict[str, Any], list[int]]],
                  state: TrainerState, position: DataPosition) -> None:
     """Optimizer steps up to max_steps (or max_minutes): log, report, checkpoint; advances `state`."""
     import ray.train
@@ -321,11 +324,12 @@ def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[dict[
     stop = False
     while state.step < cfg.max_steps and not stop:
         for _ in range(cfg.grad_accum):
-            batch = to_torch(trim_padding(next(batches)), w.device)
+            rows, counts = next(batches)
+            batch = to_torch(trim_padding(rows), w.device)
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
-            log.add(out, batch)
+            log.add(out, batch, counts)
         state.step += 1
         log.steps += 1
         state.elapsed_s = log.elapsed_s()
@@ -334,7 +338,7 @@ def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[dict[
             stop = _any_rank(state.elapsed_s >= 60 * cfg.max_minutes)
         last = state.step >= cfg.max_steps or stop
 
-        metrics = log.write(state, position.epoch) if state.step % cfg.log_every == 0 or last else {}
+        metrics = log.write(state, position) if state.step % cfg.log_every == 0 or last else {}
         if state.step % cfg.checkpoint.every_steps == 0 or last:
             # Ray Train only keeps metrics of checkpointed reports: gather positions of all ranks.
             state.positions = _all_positions(position, w.world)
@@ -362,49 +366,58 @@ class _StepLog:
         self.flops_tok = train_flops_per_token(n_llm, llm.num_layers, llm.hidden_size, cfg.model.max_seq_len)
         self.peak = (peak_flops(torch.cuda.get_device_name(w.device), cfg.deepspeed.peak_tflops)
                      if cfg.scaling.gpu else None)
-        # loss, lm_loss, vm_loss, tokens, images, samples
-        self.sums = torch.zeros(6, dtype=torch.float64, device=w.device)
+        # loss, lm_loss, vm_loss, tokens, images, samples, then the rows of each mixture folder
+        self.names = cfg.data.names()
+        self.sums = torch.zeros(6 + len(self.names), dtype=torch.float64, device=w.device)
         self.steps = 0  # optimizer steps in the sums
         self.t_window = time.perf_counter()
         self.t_attempt = time.perf_counter()
         self.elapsed_before = state.elapsed_s
         self.start_step = state.step
 
-    def add(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
-        """One micro-batch: its losses (as a share of the optimizer step) and counts."""
+    def add(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], counts: list[int]) -> None:
+        """One micro-batch: its losses (as a share of the optimizer step), counts and rows per folder."""
         accum = self.w.cfg.grad_accum
-        self.sums += torch.stack([
+        on_device = torch.stack([
             out["loss"].detach().float() / accum,
             out["lm_loss"].detach().float() / accum,
             out["vm_loss"].detach().float() / accum,
             batch["attention_mask"].sum().float(),
             ((batch["image_slots"] >= 0) | (batch["dream_slots"] >= 0)).sum().float(),
-            torch.tensor(float(batch["input_ids"].shape[0]), device=self.w.device),
-        ])
+        ]).double()
+        rows = torch.tensor([float(batch["input_ids"].shape[0]), *map(float, counts)], dtype=torch.float64)
+        self.sums += torch.cat([on_device, rows.to(self.w.device, non_blocking=True)])
 
     def elapsed_s(self) -> float:
         """Training time over all attempts of this run."""
         return self.elapsed_before + time.perf_counter() - self.t_attempt
 
-    def write(self, state: TrainerState, epoch: int) -> dict[str, Any]:
+    def write(self, state: TrainerState, position: DataPosition) -> dict[str, Any]:
         """The metrics row of the steps since the last one (all ranks take part); rank 0 writes it
-        to the metrics files and prints the progress line. The sums start again from zero."""
+        to the metrics files and prints the progress line. The sums start again from zero.
+
+        `epoch` is the first folder's; `rows_<name>` (rows taken from each folder since the last row,
+        all ranks) and `epoch_<name>` show the realised mixture."""
         cfg, world = self.w.cfg, self.w.world
         dt = time.perf_counter() - self.t_window
         n = self.steps
         sums = self.sums.tolist()
-        loss, lm, vm, tokens, images, samples = _mean_over_ranks(
-            [sums[0] / n, sums[1] / n, sums[2] / n, sums[3], sums[4], sums[5]]
+        loss, lm, vm, tokens, images, samples, *rows = _mean_over_ranks(
+            [sums[0] / n, sums[1] / n, sums[2] / n, *sums[3:]]
         )
+        epochs = [position.streams[name].epoch for name in self.names]
         tok_s = tokens * world / dt
         metrics = {
-            "step": state.step, "epoch": epoch, "loss": loss, "lm_loss": lm, "vm_loss": vm,
+            "step": state.step, "epoch": epochs[0], "loss": loss, "lm_loss": lm, "vm_loss": vm,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": tok_s, "images_per_s": images * world / dt,
             "samples_per_s": samples * world / dt, "step_time_s": dt / n,
             "mfu": mfu(tok_s, self.flops_tok, world, self.peak), "elapsed_s": state.elapsed_s,
         }
+        for name, r, e in zip(self.names, rows, epochs):
+            metrics[f"rows_{name}"] = round(r * world)
+            metrics[f"epoch_{name}"] = e
         if self.writer is not None:
             self.writer.write(metrics)
             done_here = state.step - self.start_step
@@ -439,7 +452,7 @@ def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _all_positions(position: DataPosition, world: int) -> dict[str, dict[str, int]]:
+def _all_positions(position: DataPosition, world: int) -> dict[str, dict[str, Any]]:
     """Every rank's data position (a collective), keyed by rank as TrainerState.positions is."""
     gathered = [None] * world
     dist.all_gather_object(gathered, position.to_dict())
