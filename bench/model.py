@@ -41,8 +41,9 @@ DOC_TEXTS = [
 ]
 
 
-def make_batch(cfg, tok, batch: int):
-    """Rows of packed (text, image, text) documents, through the real tokenizer/batch path."""
+def rows_to_batch(rows, cfg, seed: int = 0) -> dict:
+    """Packed rows with random PNG images -> the model's batch, through curation's record format
+    and `dreamcore.batch.decode_batch` (bench/packing.py uses it too)."""
     import io
 
     import numpy as np
@@ -50,10 +51,7 @@ def make_batch(cfg, tok, batch: int):
 
     from dreamcore.batch import decode_batch, to_torch
 
-    docs = [tok.encode_document([a, 0, b], max_len=cfg.max_seq_len, max_images=cfg.images_per_sample)
-            for a, b in DOC_TEXTS] * (batch * 8)
-    rows = tok.pack(docs, cfg.max_seq_len, cfg.images_per_sample)[:batch]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     records = []
     for i, row in enumerate(rows):
         pngs = []
@@ -64,6 +62,13 @@ def make_batch(cfg, tok, batch: int):
         records.append(row.to_sample(f"s{i}", pngs))
     columns = {k: [r[k] for r in records] for k in records[0]}
     return to_torch(decode_batch(columns, cfg))
+
+
+def make_batch(cfg, tok, batch: int):
+    """Rows of packed (text, image, text) documents, through the real tokenizer/batch path."""
+    docs = [tok.encode_document([a, 0, b], max_len=cfg.max_seq_len, max_images=cfg.images_per_sample)
+            for a, b in DOC_TEXTS] * (batch * 8)
+    return rows_to_batch(tok.pack(docs, cfg.max_seq_len, cfg.images_per_sample)[:batch], cfg)
 
 
 def run_variant(variant: str, args: argparse.Namespace, queue: mp.Queue) -> None:

@@ -28,7 +28,6 @@ compiles the forward to compare its logits. On CUDA it is timed like the others.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -41,11 +40,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from model import rows_to_batch  # noqa: E402  (bench/model.py, beside this script)
 
-from dreamcore.batch import decode_batch, to_torch  # noqa: E402
 from dreamcore.config import preset  # noqa: E402
 from dreamcore.model import DreamLLM  # noqa: E402
 from dreamcore.tokenizer import DreamTokenizer  # noqa: E402
@@ -74,17 +71,7 @@ def make_rows(cfg, tok, n_rows: int, seed: int = 0):
     chosen = [r for r in rows if 3 <= len(r.doc_ids) <= 5][:n_rows]
     if len(chosen) < n_rows:
         raise SystemExit(f"only {len(chosen)} rows of 3-5 documents at seq {cfg.max_seq_len}; use --seq 256")
-    np_rng = np.random.default_rng(seed)
-    records = []
-    for i, row in enumerate(chosen):
-        pngs = []
-        for _ in row.images:
-            buf = io.BytesIO()
-            Image.fromarray(np_rng.integers(0, 256, (cfg.image_resolution,) * 2 + (3,), dtype=np.uint8)).save(buf, "PNG")
-            pngs.append(buf.getvalue())
-        records.append(row.to_sample(f"s{i}", pngs))
-    columns = {k: [r[k] for r in records] for k in records[0]}
-    return chosen, to_torch(decode_batch(columns, cfg))
+    return chosen, rows_to_batch(chosen, cfg, seed)
 
 
 def one_sequence(batch: dict) -> dict:

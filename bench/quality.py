@@ -131,7 +131,7 @@ def train(recipe: Recipe, log_every: int = 50, seed: int = 0, creation_lr_mult: 
     t0 = time.time()
     cfg, c, optim = recipe.train.model, recipe.corpus, recipe.train.optim
     batch_size = recipe.train.global_batch_size(recipe.train.scaling.workers)
-    docs = make_corpus(c.num_docs, c.seed, "http://127.0.0.1:1", c.single_image_fraction)
+    docs = make_corpus(c.num_docs, c.seed, "http://127.0.0.1:1", c.single_image_fraction, c.story_fraction)
     tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
                                      corpus_texts=[t for d in docs for t in d["text_list"]])
     data = build_rows(cfg, docs, tokenizer, recipe.curate.tokenize.packing, recipe.curate.tokenize.pair_layout)
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help=f"rows per step (recipe: {base.train.micro_batch_size})")
     p.add_argument("--docs", type=int, help=f"corpus size (recipe: {base.corpus.num_docs})")
     p.add_argument("--pairs", type=float, help="share of one-image documents in the corpus")
+    p.add_argument("--stories", type=float, help="share of interleaved stories in the corpus")
     p.add_argument("--guidance", type=float, help="guidance scale at evaluation (default: the model's decoder.guidance_scale)")
     p.add_argument("--packing", choices=["pack", "truncate"],
                    help=f"curation's tokenize.packing (recipe: {base.curate.tokenize.packing})")
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = load_config(base.train, None, [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
     corpus = dataclasses.replace(base.corpus, **{k: v for k, v in {
         "num_docs": min(base.corpus.num_docs, 200) if args.speed_only else args.docs,
-        "single_image_fraction": args.pairs}.items() if v is not None})
+        "single_image_fraction": args.pairs, "story_fraction": args.stories}.items() if v is not None})
     curate = base.curate
     curate.tokenize.packing = args.packing or curate.tokenize.packing
     curate.tokenize.pair_layout = args.pair_layout or curate.tokenize.pair_layout
@@ -296,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "train": to_dict(recipe.train)},
                                          "overrides": args.overrides,
                                          "model": to_dict(model.cfg), "train": stats,
-                                         "eval": dataclasses.asdict(report),
-                                         "eval_ema": {str(d): dataclasses.asdict(r) for d, r in ema_reports.items()}}, indent=2))
+                                         "eval": report.to_dict(),
+                                         "eval_ema": {str(d): r.to_dict() for d, r in ema_reports.items()}}, indent=2))
     return 0
 
 

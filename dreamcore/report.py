@@ -20,6 +20,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
        color: #222; line-height: 1.5; }
 h1, h2, h3 { font-weight: 600; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(16rem, 1fr)); gap: 0 1rem; }
 .doc { border: 1px solid #ddd; border-radius: 6px; padding: 1rem; margin: 1rem 0; }
 .doc .prompt { color: #666; }
 .doc .text { white-space: pre-wrap; }
@@ -32,10 +33,14 @@ th { background: #f6f6f6; }
 """
 
 
-def _png_b64(image: Any) -> str:
-    """Base64 of an image part: bytes as given (PNG/JPEG), a PIL image encoded as PNG."""
+def png_b64(image: Any) -> str:
+    """Base64 of an image part: bytes as given (PNG/JPEG), a PIL image or (H, W, 3) uint8 array as PNG."""
     if isinstance(image, (bytes, bytearray)):
         return base64.b64encode(bytes(image)).decode("ascii")
+    if hasattr(image, "__array_interface__") and not hasattr(image, "save"):  # numpy, without importing it
+        from PIL import Image
+
+        image = Image.fromarray(image)
     if hasattr(image, "save"):  # PIL.Image.Image, without importing PIL for the client
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -62,7 +67,7 @@ def part_html(part: Any) -> str:
         if kind == "image":
             return img_tag(str(part["image"]), alt=f"image, seed {part.get('seed', '?')}")
         raise ValueError(f"unknown part type {kind!r}; expected 'text' or 'image'")
-    return img_tag(_png_b64(part))
+    return img_tag(png_b64(part))
 
 
 def document_html(parts: Iterable[Any], title: str | None = None, prompt: str | None = None,

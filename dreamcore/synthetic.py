@@ -31,7 +31,6 @@ document is MMC4-shaped so the real curation pipeline crawls it over HTTP like a
 
 from __future__ import annotations
 
-import base64
 import colorsys
 import dataclasses
 import functools
@@ -44,10 +43,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from dreamcore.report import png_b64
 
 # ----------------------------------------------------------------------------------------------
 # The world
@@ -924,15 +925,6 @@ FREE_STORY_TOKENS = 96  # a 4-image story writes 3 captions, 3 change sentences 
 _STORY_SEED_STRIDE = 100_000  # story i's seeds start at seed + stride (i + 1): no two stories share one
 
 
-def _png_b64(img: Image.Image | np.ndarray) -> str:
-    """PNG bytes, base64 (so a report stays plain JSON): base64.b64decode(...) is the PNG file."""
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 class _Tally:
     def __init__(self) -> None:
         self.hits, self.n, self.chance = 0, 0, 0.0
@@ -1007,50 +999,18 @@ class QualityReport:
     samples: list[dict[str, Any]] | None = None  # a few (prompt, read) and (image, caption) lines
     settings: dict[str, Any] = field(default_factory=dict)  # seed, sampler settings, story length
 
-    chance_colour: ClassVar[float] = CHANCE["colour"]
-    chance_shape: ClassVar[float] = CHANCE["shape"]
-    chance_caption: ClassVar[float] = CHANCE_COLOUR_SHAPE
-
     def figure(self, name: str) -> Figure:
         if name not in self.figures:
             raise KeyError(f"no figure {name!r} in this report; it has {', '.join(self.figures)}")
         return self.figures[name]
-
-    def _value(self, name: str) -> float:
-        return self.figures[name].value if name in self.figures else 0.0
-
-    # The figures of the first reports, by their old names.
-    @property
-    def image_colour_acc(self) -> float:
-        return self._value("image_colour")
-
-    @property
-    def image_shape_acc(self) -> float:
-        return self._value("image_shape")
-
-    @property
-    def caption_acc(self) -> float:  # colour AND shape named correctly
-        return self._value("caption_colour_shape")
-
-    @property
-    def caption_colour_acc(self) -> float:
-        return self._value("caption_colour")
-
-    @property
-    def caption_shape_acc(self) -> float:
-        return self._value("caption_shape")
 
     def lines(self) -> list[str]:
         width = max(len(v) for v in FIGURE_LABELS.values())
         return [f"{FIGURE_LABELS[k]:<{width}}  {f.text()}" for k, f in self.figures.items()]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON (a summary.json): every field, plus the old flat accuracy keys."""
-        d = dataclasses.asdict(self)
-        for name in ("image_colour_acc", "image_shape_acc", "caption_acc", "caption_colour_acc",
-                     "caption_shape_acc", "chance_colour", "chance_shape", "chance_caption"):
-            d[name] = getattr(self, name)
-        return d
+        """Plain JSON (a summary.json): every field."""
+        return dataclasses.asdict(self)
 
 
 def score_story(first: Attributes, output: Sequence[Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -1179,7 +1139,7 @@ def _eval_text_to_image(model: Any, tokenizer: Any, engine: Any, col: _Collector
             col.attributes("image", truth, read)
             if len(samples) < 6:
                 samples.append({"prompt": prompt, "read": list(read)})
-            col.example("text_to_image", prompt=prompt, png=_png_b64(img), truth=truth._asdict(),
+            col.example("text_to_image", prompt=prompt, png=png_b64(img), truth=truth._asdict(),
                         read=read._asdict())
 
 
@@ -1198,7 +1158,7 @@ def _eval_captions(model: Any, tokenizer: Any, engine: Any, col: _Collector, sam
             col.add("caption_colour_shape", read[:2] == truth[:2], CHANCE_COLOUR_SHAPE)
             if len(samples) < 12:
                 samples.append({"image": spec.name, "caption": text})
-            col.example("caption", png=_png_b64(img), caption=text, truth=truth._asdict(), read=read._asdict())
+            col.example("caption", png=png_b64(img), caption=text, truth=truth._asdict(), read=read._asdict())
 
 
 def _eval_stories(model: Any, engine: Any, col: _Collector, n: int, num_images: int, seed: int, sampler: dict,
@@ -1255,7 +1215,7 @@ def _eval_stories(model: Any, engine: Any, col: _Collector, n: int, num_images: 
                 for name, attrs in (("story_changed", changed), ("story_kept", set(ATTRIBUTES) - changed)):
                     col.add(name, all(read[ATTRIBUTES.index(a)] == truth[ATTRIBUTES.index(a)] for a in attrs),
                             math.prod(CHANCE[a] for a in attrs))
-            col.example("story", sentences=list(story.sentences), captions=s, pngs=[_png_b64(i) for i in d],
+            col.example("story", sentences=list(story.sentences), captions=s, pngs=[png_b64(i) for i in d],
                         truth=[t._asdict() for t in implied], read=[r._asdict() for r in reads])
 
 
@@ -1280,6 +1240,6 @@ def _eval_free_stories(model: Any, tokenizer: Any, engine: Any, col: _Collector,
         for hit in scored["caption_hits"]:
             col.add("free_story_caption", hit, CHANCE_COLOUR_SHAPE)
         col.add("free_story_drew", len(scored["image_hits"]) >= 2, None)
-        shown = [{"text": p} if isinstance(p, str) else {"png": _png_b64(p), **d}
+        shown = [{"text": p} if isinstance(p, str) else {"png": png_b64(p), **d}
                  for p, d in zip(doc.output, scored["parts"])]
         col.example("free_story", prompt=prompt, parts=shown, finish_reason=doc.finish_reason)

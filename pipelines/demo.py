@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import html
 import json
 import logging
 import os
@@ -74,7 +75,8 @@ def demo_recipe(workers: int | None = None, docs: int | None = None, quick: bool
         corpus = dataclasses.replace(corpus, num_docs=min(corpus.num_docs, 24))
         train.max_steps, train.micro_batch_size, train.log_every = 20, 8, 5
         train.checkpoint.every_steps = 10
-    evals = dataclasses.replace(recipe.eval, num_prompts=12, num_images=12) if quick else recipe.eval
+    evals = (dataclasses.replace(recipe.eval, num_prompts=12, num_images=12, num_stories=2, num_free_stories=2)
+             if quick else recipe.eval)
     train = load_config(train, None, overrides or []).validate()
     return dataclasses.replace(recipe, corpus=corpus, train=train, eval=evals)
 
@@ -87,6 +89,7 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
 
     from dreamcore import synthetic
     from dreamcore.checkpoint import from_pretrained
+    from dreamcore.config import to_dict
     from pipelines.curate.job import curate
     from pipelines.serve.app import shutdown, start_local
     from pipelines.train.job import train
@@ -104,7 +107,8 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
         raw = out / "raw"
         raw.mkdir(exist_ok=True)
         corpus = synthetic.make_corpus(docs, seed=seed + recipe.corpus.seed, image_base_url=server.base_url,
-                                       single_image_fraction=recipe.corpus.single_image_fraction)
+                                       single_image_fraction=recipe.corpus.single_image_fraction,
+                                       story_fraction=recipe.corpus.story_fraction)
         shard = raw / "shapes-000.jsonl"
         shard.write_text("".join(json.dumps(d) + "\n" for d in corpus))
         timings["corpus_s"] = time.perf_counter() - t0
@@ -128,20 +132,18 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
     # 4. Score the exported model on held-out prompts and images, through the serving engine.
     t0 = _step(4, "quality on held-out prompts and images")
     model, tokenizer = from_pretrained(result.export_dir)
-    scores = synthetic.evaluate(model, tokenizer, num_prompts=recipe.eval.num_prompts,
-                                num_images=recipe.eval.num_images, seed=seed + 1,
-                                num_inference_steps=recipe.eval.num_inference_steps)
+    e = recipe.eval
+    scores = synthetic.evaluate(model, tokenizer, num_prompts=e.num_prompts, num_images=e.num_images, seed=seed + 1,
+                                num_inference_steps=e.num_inference_steps, num_stories=e.num_stories,
+                                num_free_stories=e.num_free_stories)
     del model
     timings["quality_s"] = time.perf_counter() - t0
     for line in scores.lines():
         print(f"   {line}")
-    quality = {
-        "text->image colour": f"{scores.image_colour_acc:.1%} (chance {scores.chance_colour:.1%})",
-        "text->image shape": f"{scores.image_shape_acc:.1%} (chance {scores.chance_shape:.1%})",
-        "image->text colour and shape": f"{scores.caption_acc:.1%} (chance {scores.chance_caption:.1%})",
-        "held-out prompts / images": f"{scores.num_prompts} / {scores.num_images}",
-        "training steps": f"{result.steps}",
-    }
+    stopped_early = result.steps < recipe.train.max_steps
+    if stopped_early:
+        print(f"\n   WARNING: training stopped at step {result.steps} of the recipe's {recipe.train.max_steps} "
+              f"(--train-minutes={recipe.train.max_minutes}); these figures are below the recipe's.\n", flush=True)
 
     # 5. Serve on Ray Serve and ask for interleaved documents over HTTP.
     t0 = _step(5, "serve (Ray Serve: LLMServer + ImageDecoder + Ingress) and request documents")
@@ -162,7 +164,16 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
     timings["serve_s"] = time.perf_counter() - t0
 
     # 6. The report.
-    report = write_report(out / "report.html", documents, manifest, run_dir, quality, timings, url)
+    summary = {"recipe": {"corpus": dataclasses.asdict(recipe.corpus), "eval": dataclasses.asdict(recipe.eval),
+                          "tokenize": dataclasses.asdict(recipe.curate.tokenize), "train": to_dict(recipe.train)},
+               "training": {"steps": result.steps, "recipe_steps": recipe.train.max_steps,
+                            "stopped_early": stopped_early, "final": result.metrics},
+               "curation": {"samples": manifest["outputs"]["samples"], "stages": manifest["stages"]},
+               "quality": scores.to_dict(), "timings_s": timings,
+               "served": [{"prompt": d["prompt"], "finish_reason": d["finish_reason"],
+                           "images": sum(p["type"] == "image" for p in d["parts"])} for d in documents]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    report = write_report(out / "report.html", documents, manifest, run_dir, scores, timings, url, stopped_early)
     print(f"\nreport: {report}")
     return report
 
@@ -200,17 +211,68 @@ def _manifest_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _quality_rows(scores: Any) -> list[dict[str, Any]]:
+    from dreamcore.synthetic import FIGURE_LABELS
+
+    return [{"measure": FIGURE_LABELS[name], "value": f"{f.value:.1%}", "95% interval": f"{f.low:.1%} - {f.high:.1%}",
+             "cases": f"{f.hits}/{f.n}", "chance": "-" if f.chance is None else f"{f.chance:.1%}"}
+            for name, f in scores.figures.items()]
+
+
+def _confusion_html(scores: Any, task: str = "image") -> str:
+    from dreamcore.report import table_html
+
+    out = []
+    for attribute, table in scores.confusion.get(task, {}).items():
+        rows = [{"true \\ read": true, **{r: n for r, n in reads.items() if r != "none" or n}}
+                for true, reads in table.items()]
+        out.append(table_html(rows, caption=f"{task}: {attribute}"))
+    return "\n".join(out)
+
+
+def _examples_html(scores: Any) -> str:
+    from dreamcore.report import document_html, img_tag
+
+    out = ['<div class="grid">']
+    for ex in scores.examples:
+        task = ex["task"]
+        if task == "text_to_image":
+            out.append(document_html([{"type": "image", "image": ex["png"]}], prompt=ex["prompt"],
+                                     meta=f"read: {ex['read']}"))
+        elif task == "caption":
+            out.append(f'<section class="doc">{img_tag(ex["png"], "held-out image")}'
+                       f'<div class="text">{html.escape(ex["caption"])}</div>'
+                       f'<div class="meta">truth: {html.escape(str(ex["truth"]))}</div></section>')
+        elif task == "story":
+            parts = [p for s, png in zip(ex["sentences"], ex["pngs"]) for p in (s, {"type": "image", "image": png})]
+            out.append(document_html(parts, title="held-out story (change sentences given)",
+                                     meta=f"captions written: {ex['captions']}"))
+        elif task == "free_story":
+            parts = [p["text"] if "text" in p else {"type": "image", "image": p["png"]} for p in ex["parts"]]
+            out.append(document_html(parts, title="story the model wrote", prompt=ex["prompt"],
+                                     meta=f"finish: {ex['finish_reason']}"))
+    out.append("</div>")
+    return "\n".join(out)
+
+
 def write_report(path: Path, documents: list[dict[str, Any]], manifest: dict[str, Any], run_dir: Path,
-                 quality: dict[str, Any], timings: dict[str, float], url: str) -> Path:
+                 scores: Any, timings: dict[str, float], url: str, stopped_early: bool = False) -> Path:
     from dreamcore.report import document_html, figure_html, page_html, table_html
 
     sections = ["<p class='meta'>Embedded default: synthetic shapes corpus, tiny preset, local Ray. "
-                f"Served at {url} during the run.</p>"]
+                f"Served at {url} during the run. Every figure is also in summary.json.</p>"]
+    if stopped_early:
+        sections.append("<p><b>Training stopped before the recipe's last step (a time cap): the figures below "
+                        "are below the recipe's.</b></p>")
     sections.append("<h2>Generated interleaved documents (served over HTTP)</h2>")
     for d in documents:
         sections.append(document_html(d["parts"], prompt=d["prompt"]))
-    sections.append("<h2>Quality on held-out prompts and images</h2>")
-    sections.append(table_html(quality))
+    sections.append("<h2>Quality on held-out cases (95% Wilson intervals; generated by the serving engine)</h2>")
+    sections.append(table_html(_quality_rows(scores)))
+    sections.append("<h2>Held-out examples</h2>")
+    sections.append(_examples_html(scores))
+    sections.append("<h2>Attribute confusion (text->image: true attribute vs what the scorer read)</h2>")
+    sections.append(_confusion_html(scores))
     sections.append("<h2>Curation manifest</h2>")
     sections.append(table_html(_manifest_rows(manifest)))
     sections.append(table_html({"samples": manifest["outputs"]["samples"],

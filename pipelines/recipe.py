@@ -24,14 +24,17 @@ class CorpusSettings:
     num_docs: int = 3000
     seed: int = 0
     single_image_fraction: float = 1.0  # share of one-image documents (text-image pairs)
+    story_fraction: float = 0.0  # share of interleaved stories (2-4 images; the rest: unrelated images)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     """Held-out scoring (`dreamcore.synthetic.evaluate`) through the serving engine."""
 
-    num_prompts: int = 72  # every held-out combination twice: 36 cases swing a figure by 2.8 points each
-    num_images: int = 72
+    num_prompts: int = 216  # every held-out combination six times: a 95% interval of about +-6 points
+    num_images: int = 216
+    num_stories: int = 72  # teacher-forced held-out stories (3 scored images each)
+    num_free_stories: int = 36  # stories the model writes from their first sentence (the served loop)
     num_inference_steps: int = 50  # more DDIM steps than serving's default: shape is read at 16 px
 
 

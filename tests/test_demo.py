@@ -30,3 +30,9 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(ray_session, tmp_path
     assert (tmp_path / "demo" / "run" / "model" / "config.json").is_file()
     assert "training loss" in html
     assert "text-&gt;image colour" in html or "text->image colour" in html
+    # Every figure is machine-readable too, with its interval and case count.
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    colour = summary["quality"]["figures"]["image_colour"]
+    assert colour["n"] == 12 and colour["low"] <= colour["value"] <= colour["high"]
+    assert summary["training"]["steps"] == summary["training"]["recipe_steps"] == 20
+    assert not summary["training"]["stopped_early"] and "story_all" in summary["quality"]["figures"]
