@@ -65,7 +65,8 @@ def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, pa
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps (as the training job's)."""
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps: the shape of the training
+    job's DeepSpeed WarmupCosineLR (whose warmup starts at lr / warmup_steps rather than 0)."""
     o, total = recipe.train.optim, recipe.train.max_steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
@@ -268,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     guidance = args.guidance if args.guidance is not None else model.cfg.decoder.guidance_scale
     n_images = args.eval_n if args.eval_images is None else args.eval_images
-    report = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed, guidance_scale=guidance,
-                      num_inference_steps=args.eval_steps)
+    evals = dataclasses.replace(recipe.eval, num_prompts=args.eval_n, num_images=n_images,
+                                num_stories=args.eval_n // 3, num_free_stories=args.eval_n // 6,
+                                num_inference_steps=args.eval_steps)  # the recipe's at the defaults
+    report = evaluate(model, tokenizer, guidance_scale=guidance, **evals.evaluate_kwargs(args.seed))
     print(f"evaluated in {time.time() - t:.1f}s (guidance {guidance}):")
     for line in report.lines():
         print("  " + line)
@@ -281,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for p, e in zip(model.trainable_parameters(), shadow):
                 p.copy_(e)
-        ema_reports[decay] = evaluate(model, tokenizer, args.eval_n, n_images, seed=args.seed,
-                                      guidance_scale=guidance,
-                                      num_inference_steps=args.eval_steps)
+        ema_reports[decay] = evaluate(model, tokenizer, guidance_scale=guidance, **evals.evaluate_kwargs(args.seed))
         print(f"EMA {decay}:")
         for line in ema_reports[decay].lines():
             print("  " + line)

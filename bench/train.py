@@ -5,7 +5,7 @@ Baselines, measured in the same run on the same synthetic shapes data and the sa
   ray-1   `pipelines.train.train` with 1 Ray Train worker (DeepSpeed ZeRO-2, Ray Data ingest)
   ray-2   the same with 2 workers (data parallel; the global batch doubles)
   ray-1t2 1 worker with 2 torch threads and the doubled micro-batch: ray-2's global batch on the
-          same 2 cores, the other way of using them (the demo's choice: TinyRecipe.workers)
+          same 2 cores, the other way of using them (the demo's choice: pipelines.recipe.shapes_tiny(workers))
 Printed: samples/s of each and the ratios ray-1/bare (goal >= 0.9), ray-2/ray-1 (scaling) and
 ray-2/ray-1t2 (2 workers x 1 thread against 1 worker x 2 threads at one global batch).
 Both sides use the same number of torch threads (what Ray gives a 1-CPU worker), so the ratio

@@ -174,7 +174,7 @@ class ModelConfig:
 
 
 def tiny() -> ModelConfig:
-    """CPU preset: random init from config, pixel-space decoder; trains in minutes on 2 cores.
+    """CPU preset: random init from config, pixel-space decoder; small enough to train on a CPU.
 
     Nothing here is pretrained, so the vision encoder and the decoder train with the rest.
     """

@@ -137,8 +137,9 @@ class TextEngine:
         self.max_len = min(model.cfg.max_seq_len, model.llm.config.max_position_embeddings)
         self.image_cost = tokenizer.dream_block_len + tokenizer.image_block_len
         t = tokenizer
+        # EOS stays sampleable even where a base tokenizer reuses it as BOS or pad.
         self.banned = [i for i in (t.pad_id, t.bos_id, t.im_start_id, t.im_patch_id, t.im_end_id, t.dream_end_id)
-                       if i is not None]
+                       if i is not None and i != t.eos_id]
         with torch.inference_mode():
             # The empty prompt's condition is the same for every request: compute it once.
             self.uncond = model.empty_prompt_conditions().float().cpu().numpy()  # (Q, C)
@@ -306,12 +307,10 @@ def decode_dreams(decoder: DiffusionDecoder, dreams: Sequence[DreamConditions]) 
     out: list[np.ndarray | None] = [None] * len(dreams)
     groups: dict[tuple[Any, Any], list[int]] = {}
     for i, d in enumerate(dreams):
-        groups.setdefault((d.num_inference_steps, d.guidance_scale), []).append(i)
-    for (steps, scale), idx in groups.items():
+        groups.setdefault((d.num_inference_steps, d.guidance_scale, d.uncond is None), []).append(i)
+    for (steps, scale, no_uncond), idx in groups.items():
         cond = torch.from_numpy(np.stack([dreams[i].cond for i in idx])).to(device)  # (K, Q, C)
-        uncond = None
-        if all(dreams[i].uncond is not None for i in idx):
-            uncond = torch.from_numpy(np.stack([dreams[i].uncond for i in idx])).to(device)
+        uncond = None if no_uncond else torch.from_numpy(np.stack([dreams[i].uncond for i in idx])).to(device)
         images = decoder.sample(cond, uncond, steps, scale, seed=[dreams[i].seed for i in idx])  # (K, 3, R, R)
         pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for i, a in zip(idx, pixels):

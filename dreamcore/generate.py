@@ -31,7 +31,23 @@ from dreamcore.engine import (
 )
 from dreamcore.model import DreamLLM
 
-SEED_STRIDE = 1000  # text round r of a document samples with seed + r * SEED_STRIDE
+SEED_STRIDE = 1000
+
+
+def text_seed(seed: int, round_: int) -> int:
+    """The sampling seed of a document's text round (0: the first text, r: after r images)."""
+    return seed + SEED_STRIDE * round_
+
+
+def image_seed(seed: int, k: int) -> int:
+    """The noise seed of a document's image k (0-based)."""
+    return seed + k
+
+
+def _raise_errors(results: Sequence[TextResult]) -> None:
+    for r in results:
+        if r.error is not None:
+            raise ValueError(r.error)
 
 
 @dataclass
@@ -91,7 +107,7 @@ class Document:
     def text_request(self) -> TextRequest:
         p = self.params
         return TextRequest(list(self.parts), p.max_new_tokens - self.completion_tokens, p.temperature, p.top_p,
-                           seed=p.seed + SEED_STRIDE * self._rounds, allow_dream=self.images < p.max_images)
+                           seed=text_seed(p.seed, self._rounds), allow_dream=self.images < p.max_images)
 
     def add_text(self, res: TextResult) -> str | None:
         """Take the text side's answer; returns the new text chunk (None when empty)."""
@@ -105,7 +121,7 @@ class Document:
             self.parts.append(res.text)
             self.output.append(res.text)
         if res.stop == "dream":
-            self._dream = DreamConditions(res.cond, res.uncond, self.params.seed + self.images,
+            self._dream = DreamConditions(res.cond, res.uncond, image_seed(self.params.seed, self.images),
                                           self.params.num_inference_steps, self.params.guidance_scale)
         else:
             self.finish_reason = res.stop
@@ -155,6 +171,7 @@ def text_to_images(
     model._require("decoder")
     engine = engine or TextEngine(model, tokenizer)
     results = engine.continue_batch(dream_requests(captions, seed))
+    _raise_errors(results)
     dreams = [DreamConditions(r.cond, r.uncond, seed + i, num_inference_steps, guidance_scale)
               for i, r in enumerate(results)]
     return [Image.fromarray(a) for a in decode_dreams(model.decoder, dreams)]
@@ -168,4 +185,6 @@ def caption_images(
     engine = engine or TextEngine(model, tokenizer)
     requests = [TextRequest([im], max_new_tokens, temperature, 1.0, seed=seed + i, allow_dream=False)
                 for i, im in enumerate(images)]
-    return [r.text for r in engine.continue_batch(requests)]
+    results = engine.continue_batch(requests)
+    _raise_errors(results)
+    return [r.text for r in results]

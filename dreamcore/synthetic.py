@@ -1165,7 +1165,7 @@ def _eval_stories(model: Any, engine: Any, col: _Collector, n: int, num_images: 
                   batch_size: int) -> None:
     """Teacher-forced stories: given sentences, the model's images and the model's captions."""
     from dreamcore.engine import Drawn, DreamConditions, TextRequest, decode_dreams
-    from dreamcore.generate import SEED_STRIDE
+    from dreamcore.generate import image_seed, text_seed
 
     stories = heldout_stories(n, num_images, seed)
     tok = engine.tok
@@ -1187,13 +1187,13 @@ def _eval_stories(model: Any, engine: Any, col: _Collector, n: int, num_images: 
             for r in results:
                 if r.error is not None:
                     raise RuntimeError(f"story step {k}: {r.error}")
-            images = decode_dreams(model.decoder, [DreamConditions(r.cond, r.uncond, sd + k, **sampler)
+            images = decode_dreams(model.decoder, [DreamConditions(r.cond, r.uncond, image_seed(sd, k), **sampler)
                                                    for r, sd in zip(results, seeds)])
             for p, d, img in zip(parts, drawn, images):
                 p.append(Drawn(img))
                 d.append(img)
             results = engine.continue_batch([
-                TextRequest(list(p), STORY_CAPTION_TOKENS, 0.0, 1.0, seed=sd + SEED_STRIDE * (k + 1), allow_dream=False)
+                TextRequest(list(p), STORY_CAPTION_TOKENS, 0.0, 1.0, seed=text_seed(sd, k + 1), allow_dream=False)
                 for p, sd in zip(parts, seeds)])
             for story, p, s, r in zip(group, parts, said, results):
                 sentence = first_sentence(r.text) if r.error is None else ""

@@ -133,9 +133,7 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
     t0 = _step(4, "quality on held-out prompts and images")
     model, tokenizer = from_pretrained(result.export_dir)
     e = recipe.eval
-    scores = synthetic.evaluate(model, tokenizer, num_prompts=e.num_prompts, num_images=e.num_images, seed=seed + 1,
-                                num_inference_steps=e.num_inference_steps, num_stories=e.num_stories,
-                                num_free_stories=e.num_free_stories)
+    scores = synthetic.evaluate(model, tokenizer, **e.evaluate_kwargs(seed))
     del model
     timings["quality_s"] = time.perf_counter() - t0
     for line in scores.lines():

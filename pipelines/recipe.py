@@ -36,6 +36,13 @@ class EvalSettings:
     num_stories: int = 72  # teacher-forced held-out stories (3 scored images each)
     num_free_stories: int = 36  # stories the model writes from their first sentence (the served loop)
     num_inference_steps: int = 50  # more DDIM steps than serving's default: shape is read at 16 px
+    seed: int = 1  # added to the run's seed: held-out cases and sampling noise
+
+    def evaluate_kwargs(self, run_seed: int = 0) -> dict[str, int]:
+        """The keyword arguments of `dreamcore.synthetic.evaluate` (the demo and bench/quality.py)."""
+        return {"num_prompts": self.num_prompts, "num_images": self.num_images, "num_stories": self.num_stories,
+                "num_free_stories": self.num_free_stories, "num_inference_steps": self.num_inference_steps,
+                "seed": run_seed + self.seed}
 
 
 @dataclass

@@ -129,7 +129,7 @@ TEXT_ONLY = [["a red circle on a white background"], ["two yellow squares next t
 
 @pytest.fixture(autouse=False)
 def one_thread():
-    """Tiny tensors: on a shared 2-core box, intra-op threads spin and cost 10x more than they save."""
+    """Tiny tensors: on a shared 2-core box, intra-op threads spin and cost more than they save."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -114,7 +114,7 @@ def test_generate_returns_interleaved_document_with_image(served):
         if p["type"] == "image":
             assert png_image(p).size == (16, 16) == (p["width"], p["height"])
     assert doc["usage"]["images"] == kinds.count("image") <= 2
-    assert doc["finish_reason"] in ("eos", "length", "max_images")
+    assert doc["finish_reason"] in ("eos", "length")
     # Same seed, same document (text sampling and image noise are seeded per request).
     assert post(served, "/v1/generate", {**GEN, "seed": 2})[2]["parts"] == doc["parts"]
 
@@ -126,7 +126,8 @@ def test_served_document_equals_the_in_process_one(served, tmp_path_factory):
     import torch
 
     from dreamcore.checkpoint import from_pretrained
-    from dreamcore.generate import GenerationParams, generate_document, text_to_images
+    from dreamcore.engine import TextEngine, decode_dreams
+    from dreamcore.generate import Document, GenerationParams, generate_document, text_to_images
 
     body = {**GEN, "seed": 2, "guidance_scale": 2.0}
     status, _, served_doc = post(served, "/v1/generate", body)
@@ -139,6 +140,13 @@ def test_served_document_equals_the_in_process_one(served, tmp_path_factory):
     torch.set_num_threads(1)  # as a zero-CPU replica runs
     try:
         local = generate_document(model.eval(), tok, [GEN["input"]], params)
+        engine, doc, token_ids = TextEngine(model, tok), Document([GEN["input"]], params), []
+        while not doc.finished:  # the same loop, by hand: its token ids, finish reason and usage
+            res = engine.continue_batch([doc.text_request()])[0]
+            token_ids.append(res.token_ids)
+            doc.add_text(res)
+            if doc.wants_image:
+                doc.add_image(decode_dreams(model.decoder, [doc.image_request()])[0])
         local_images = text_to_images(model, tok, ["a blue square"], num_inference_steps=3, guidance_scale=2.0,
                                       seed=11)
     finally:
@@ -146,6 +154,11 @@ def test_served_document_equals_the_in_process_one(served, tmp_path_factory):
     kinds = [p["type"] for p in served_doc["parts"]]
     assert kinds == ["image" if isinstance(p, Image.Image) else "text" for p in local]
     assert kinds.count("image") >= 1, kinds  # the checkpoint is nudged to draw
+    assert served_doc["finish_reason"] == doc.finish_reason
+    assert served_doc["usage"] == {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens,
+                                   "images": doc.images}
+    # Token for token: the served text is the decode of the same sampled ids, and as many were sampled.
+    assert [p["text"] for p in served_doc["parts"] if p["type"] == "text"] == [tok.decode(i) for i in token_ids if i]
     for remote, mine in zip(served_doc["parts"], local):
         if remote["type"] == "text":
             assert remote["text"] == mine

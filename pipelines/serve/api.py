@@ -109,7 +109,7 @@ class GenerateResponse(BaseModel):
     id: str
     model: str
     parts: list[OutTextPart | OutImagePart]
-    finish_reason: Literal["eos", "length", "max_images"]
+    finish_reason: Literal["eos", "length"]
     usage: Usage
 
 
