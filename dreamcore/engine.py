@@ -90,6 +90,7 @@ class TextResult:
     cond: np.ndarray | None = None  # (Q, C) when stop == "dream"
     uncond: np.ndarray | None = None  # (Q, C)
     error: str | None = None  # why this request could not run (its batch-mates are unaffected)
+    too_long: bool = False  # the error is the context length (serving answers 413; other errors 422)
 
 
 class PromptTooLongError(ValueError):
@@ -215,13 +216,13 @@ class TextEngine:
         """Continue every document of the batch; results in the order of `requests`."""
         # 1. Lay out and embed each document; a prompt the context cannot hold fails alone.
         rows: list[_Row | None] = []
-        errors: dict[int, str] = {}
+        errors: dict[int, Exception] = {}
         for i, req in enumerate(requests):
             try:
                 rows.append(self._row(req))
-            except (PromptTooLongError, ValueError, OSError) as e:
+            except (ValueError, OSError) as e:  # too long, undecodable image bytes, unencodable text
                 rows.append(None)
-                errors[i] = str(e)
+                errors[i] = e
         live = [r for r in rows if r is not None and r.stop is None]
 
         # 2. Prefill the running rows at once, then one token per step until all have stopped.
@@ -234,7 +235,9 @@ class TextEngine:
         out = []
         for i, r in enumerate(rows):
             if r is None:
-                out.append(TextResult("", "error", 0, 0, error=errors[i]))
+                e = errors[i]
+                message = "an image is not a decodable image file (send PNG or JPEG)" if isinstance(e, OSError) else str(e)
+                out.append(TextResult("", "error", 0, 0, error=message, too_long=isinstance(e, PromptTooLongError)))
                 continue
             text_ids = [x for x in r.new_ids if x not in (self.tok.eos_id, self.tok.dream_start_id)]
             cond = cond_of.get(id(r))

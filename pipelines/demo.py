@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training config overrides, e.g. --set max_steps=500")
 
 
+def _cores() -> int:
+    """The cores this process may run on (`taskset -c 0 make demo` gives 1), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +68,7 @@ def demo_recipe(workers: int | None = None, docs: int | None = None, quick: bool
     """`pipelines.recipe.shapes_tiny` with the demo's flags applied (the one place they apply)."""
     from dreamcore.config import load_config
 
-    cores = os.cpu_count() or 1
+    cores = _cores()
     recipe = shapes_tiny(workers or min(2, cores))
     corpus = dataclasses.replace(recipe.corpus, num_docs=docs or recipe.corpus.num_docs)
     train = recipe.train
@@ -114,7 +119,7 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
         timings["corpus_s"] = time.perf_counter() - t0
 
         if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+            ray.init(num_cpus=_cores(), include_dashboard=False)
 
         # 2. Curate on Ray Data: crawl the loopback server, filter, tokenize, write Parquet.
         t0 = _step(2, "curate (Ray Data): crawl -> filter -> tokenize -> Parquet")

@@ -152,8 +152,14 @@ def test_a_prompt_too_long_fails_alone(tiny):
     results = engine.continue_batch([TextRequest(["circle " * 400], 4), _greedy(4)])
     assert results[0].stop == "error" and "shorten the prompt" in results[0].error
     assert results[1].error is None and results[1].token_ids == engine.continue_batch([_greedy(4)])[0].token_ids
+    assert results[0].too_long
     with pytest.raises(ValueError, match="shorten the prompt"):
         generate_document(model, tok, ["circle " * 400], engine=engine)
+    with pytest.raises(ValueError, match="shorten the prompt"):  # not an opaque failure in the decoder
+        text_to_images(model, tok, ["circle " * 400], engine=engine)
+    bad = engine.continue_batch([TextRequest([b"not an image", "x"], 2), _greedy(4)])
+    assert bad[0].error == "an image is not a decodable image file (send PNG or JPEG)" and not bad[0].too_long
+    assert bad[1].error is None and bad[1].token_ids == results[1].token_ids
 
 
 def test_sampling_is_seeded_and_a_tiny_temperature_is_greedy(tiny):

@@ -261,7 +261,7 @@ class Ingress:
     async def _text(self, request: TextRequest) -> TextResult:
         res: TextResult = await self._call(self.llm.generate.remote(request))
         if res.error is not None:
-            raise RequestError("input", res.error, 413)
+            raise RequestError("input", res.error, 413 if res.too_long else 422)
         return res
 
     async def _document(self, prompt: list[str | bytes], params: GenerationParams
