@@ -9,7 +9,8 @@ Every figure is printed beside its chance level (the named baseline), plus steps
 busy machine can be converted to the quiet-machine budget.
 
     .venv/bin/python bench/quality.py                       # the recipe (1500 steps)
-    .venv/bin/python bench/quality.py --steps 300 --set decoder.resolution=32 --lr 2e-3
+    .venv/bin/python bench/quality.py --steps 300 --set model.decoder.resolution=32 --lr 2e-3
+    .venv/bin/python bench/quality.py --weight stories=0      # pairs only (stage II without documents)
     .venv/bin/python bench/quality.py --speed-only          # steps/s of the recipe, no training run
 
 No Ray here: this measures the model and the recipe, not the pipeline.
@@ -40,6 +41,7 @@ from dreamcore.tokenizer import DreamTokenizer  # noqa: E402
 from pipelines.curate.readers import mmc4_record  # noqa: E402
 from pipelines.curate.tokenize import encode_doc, pack_docs  # noqa: E402
 from pipelines.recipe import Recipe, shapes_tiny  # noqa: E402
+from pipelines.train.data import mix_counts  # noqa: E402
 
 
 def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, packing: str = "truncate",
@@ -106,7 +108,7 @@ def probe(model: DreamLLM, batch: dict, repeats: int = 4, seed: int = 0) -> dict
         xt = dec.train_scheduler.add_noise(x0, noise, t)
         target = noise if dec.prediction_type == "epsilon" else dec.train_scheduler.get_velocity(x0, noise, t)
         for cond, acc in ((c, "r"), (c[perm], "w")):
-            pred = dec.unet(xt, t, encoder_hidden_states=cond).sample
+            pred = dec.denoise(xt, t, cond)
             mse = float(torch.nn.functional.mse_loss(pred, target))
             if acc == "r":
                 right += mse / repeats
@@ -130,16 +132,22 @@ def train(recipe: Recipe, log_every: int = 50, seed: int = 0, creation_lr_mult: 
     stats["ema"] as {decay: state_dict} for evaluation."""
     torch.manual_seed(seed)
     t0 = time.time()
-    cfg, c, optim = recipe.train.model, recipe.corpus, recipe.train.optim
+    cfg, optim = recipe.train.model, recipe.train.optim
     batch_size = recipe.train.global_batch_size(recipe.train.scaling.workers)
-    docs = make_corpus(c.num_docs, c.seed, "http://127.0.0.1:1", c.single_image_fraction, c.story_fraction)
+    corpora = [make_corpus(d.corpus.num_docs, d.corpus.seed, "http://127.0.0.1:1", d.corpus.single_image_fraction,
+                           d.corpus.story_fraction) for d in recipe.datasets]
+    # One tokenizer for the mixture, trained on the first dataset (as the demo's first curation does).
     tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
-                                     corpus_texts=[t for d in docs for t in d["text_list"]])
-    data = build_rows(cfg, docs, tokenizer, recipe.curate.tokenize.packing, recipe.curate.tokenize.pair_layout)
-    n_rows = data["input_ids"].shape[0]
-    n_images = int((data["dream_slots"] >= 0).sum())
-    print(f"data: {len(docs)} docs -> {n_rows} rows of {cfg.max_seq_len} tokens, {n_images} images "
-          f"({time.time() - t0:.1f}s)", flush=True)
+                                     corpus_texts=[t for d in corpora[0] for t in d["text_list"]])
+    parts = [build_rows(cfg, docs, tokenizer, d.curate.tokenize.packing, d.curate.tokenize.pair_layout)
+             for d, docs in zip(recipe.datasets, corpora)]
+    weights = [d.weight / sum(x.weight for x in recipe.datasets) for d in recipe.datasets]
+    for d, docs, rows in zip(recipe.datasets, corpora, parts):
+        print(f"data {d.name} (weight {d.weight:g}): {len(docs)} docs -> {rows['input_ids'].shape[0]} rows of "
+              f"{cfg.max_seq_len} tokens, {int((rows['dream_slots'] >= 0).sum())} images", flush=True)
+    print(f"data built in {time.time() - t0:.1f}s", flush=True)
+    n_rows = sum(p["input_ids"].shape[0] for p in parts)
+    n_images = sum(int((p["dream_slots"] >= 0).sum()) for p in parts)
 
     model = DreamLLM(cfg, tokenizer)
     model.train()
@@ -154,16 +162,23 @@ def train(recipe: Recipe, log_every: int = 50, seed: int = 0, creation_lr_mult: 
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                             weight_decay=optim.weight_decay)
     rng = np.random.default_rng(seed)
-    probe_batch = to_torch({k: v[:16] for k, v in data.items()})
-    order = rng.permutation(n_rows)
-    cursor, step, history = 0, 0, []
+    probe_batch = to_torch({k: v[:16] for k, v in parts[0].items()})
+    orders = [rng.permutation(p["input_ids"].shape[0]) for p in parts]
+    cursors, taken = [0] * len(parts), [0] * len(parts)
+    step, history = 0, []
     start, cpu_start = time.time(), time.process_time()
     while step < recipe.train.max_steps:
-        if cursor + batch_size > n_rows:
-            order, cursor = rng.permutation(n_rows), 0
-        idx = order[cursor:cursor + batch_size]
-        cursor += batch_size
-        batch = {k: v[idx] for k, v in data.items()}
+        # Each dataset's share of the batch by the training job's own rule (pipelines.train.data.mix_counts).
+        counts = mix_counts(weights, taken, batch_size)
+        pieces = []
+        for i, (n, p) in enumerate(zip(counts, parts)):
+            taken[i] += n
+            if cursors[i] + n > len(orders[i]):
+                orders[i], cursors[i] = rng.permutation(len(orders[i])), 0
+            idx = orders[i][cursors[i]:cursors[i] + n]
+            cursors[i] += n
+            pieces.append({k: v[idx] for k, v in p.items()})
+        batch = {k: np.concatenate([q[k] for q in pieces]) for k in pieces[0]}
         if trim:  # drop the all-padding tail (causal attention: the result is the same, only faster)
             batch = trim_padding(batch)
         batch = to_torch(batch)
@@ -210,14 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help=f"= --set max_steps=N (recipe: {base.train.max_steps})")
     p.add_argument("--lr", type=float, help=f"= --set optim.lr=X (recipe: {base.train.optim.lr})")
     p.add_argument("--batch", type=int, help=f"rows per step (recipe: {base.train.micro_batch_size})")
-    p.add_argument("--docs", type=int, help=f"corpus size (recipe: {base.corpus.num_docs})")
-    p.add_argument("--pairs", type=float, help="share of one-image documents in the corpus")
-    p.add_argument("--stories", type=float, help="share of interleaved stories in the corpus")
-    p.add_argument("--guidance", type=float, help="guidance scale at evaluation (default: the model's decoder.guidance_scale)")
-    p.add_argument("--packing", choices=["pack", "truncate"],
-                   help=f"curation's tokenize.packing (recipe: {base.curate.tokenize.packing})")
-    p.add_argument("--pair-layout", choices=["interleaved", "pairs"],
-                   help=f"curation's tokenize.pair_layout (recipe: {base.curate.tokenize.pair_layout})")
+    p.add_argument("--docs", action="append", default=[], metavar="DATASET=N",
+                   help="documents of one dataset of the mixture (recipe: " +
+                   ", ".join(f"{d.name}={d.corpus.num_docs}" for d in base.datasets) + ")")
+    p.add_argument("--weight", action="append", default=[], metavar="DATASET=W",
+                   help="share of one dataset (recipe: " + ", ".join(f"{d.name}={d.weight:g}" for d in base.datasets)
+                   + "); 0 leaves it out")
     p.add_argument("--creation-lr-mult", type=float, default=1.0, help="lr multiplier: dream_queries, cond_proj")
     p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
     p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")
@@ -238,15 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     flags = {"max_steps": 25 if args.speed_only else args.steps, "optim.lr": args.lr, "micro_batch_size": args.batch}
     train_cfg = load_config(base.train, None, [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
-    corpus = dataclasses.replace(base.corpus, **{k: v for k, v in {
-        "num_docs": min(base.corpus.num_docs, 200) if args.speed_only else args.docs,
-        "single_image_fraction": args.pairs, "story_fraction": args.stories}.items() if v is not None})
-    curate = base.curate
-    curate.tokenize.packing = args.packing or curate.tokenize.packing
-    curate.tokenize.pair_layout = args.pair_layout or curate.tokenize.pair_layout
-    recipe = dataclasses.replace(base, corpus=corpus, curate=curate, train=train_cfg.validate())
-    print(f"recipe: corpus {dataclasses.asdict(recipe.corpus)}, tokenize {dataclasses.asdict(recipe.curate.tokenize)}, "
-          f"optim {dataclasses.asdict(recipe.train.optim)}, {recipe.train.max_steps} steps of "
+    datasets = {d.name: d for d in base.datasets}
+    for flag, field_ in (("docs", "num_docs"), ("weight", "weight")):
+        for item in getattr(args, flag):
+            name, _, value = item.partition("=")
+            if name not in datasets or not value:
+                p.error(f"--{flag} {item!r}: give DATASET=VALUE with DATASET one of {', '.join(datasets)}")
+            d = datasets[name]
+            if field_ == "weight":
+                datasets[name] = dataclasses.replace(d, weight=float(value))
+            else:
+                n = min(int(value), 200) if args.speed_only else int(value)
+                datasets[name] = dataclasses.replace(d, corpus=dataclasses.replace(d.corpus, num_docs=n))
+    recipe = dataclasses.replace(base, datasets=[d for d in datasets.values() if d.weight > 0],
+                                 train=train_cfg.validate())
+    print(f"recipe: datasets {[dataclasses.asdict(d) for d in recipe.datasets]}, optim {dataclasses.asdict(recipe.train.optim)}, {recipe.train.max_steps} steps of "
           f"{recipe.train.micro_batch_size} rows (threads {args.threads})", flush=True)
 
     if args.load:
@@ -293,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.copy_(e)
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
-                                         "recipe": {"corpus": dataclasses.asdict(recipe.corpus),
-                                                    "tokenize": dataclasses.asdict(recipe.curate.tokenize),
+                                         "recipe": {"datasets": [dataclasses.asdict(d) for d in recipe.datasets],
                                                     "train": to_dict(recipe.train)},
                                          "overrides": args.overrides,
                                          "model": to_dict(model.cfg), "train": stats,

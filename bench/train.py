@@ -14,6 +14,7 @@ each are left out. On a GPU machine the 1B-parameter bf16 ZeRO-2 MFU run would b
 script says so when no GPU is present.
 
   python bench/train.py [--steps 40] [--warmup 10] [--micro-batch 8]
+  python bench/train.py --recipe-step [--threads 2]   # the embedded recipe's step: profile + layout speed-up
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
@@ -105,13 +107,114 @@ def ray_run(data_dir: Path, run_dir: Path, overrides: list[str], workers: int, s
     return statistics.mean(r["samples_per_s"] for r in rows)
 
 
+def recipe_step(steps: int, warmup: int, threads: int) -> None:
+    """The embedded recipe's training step: where its time goes, and what its layout saves.
+
+    Same run, same model, same data, in-process (no Ray): the recipe's batches (stories and pairs
+    both packed with document masking, the diffusion loss on 32 dream images a step) against the
+    plain way to mix them (pairs one sequence a row, as the pair-only recipe had them, padded to
+    the stories' 256 tokens in a mixed batch; the diffusion loss on every dream image).
+    Printed: seconds per step, images/s (dream images the step sees), the speed-up, and the
+    forward time of each component of the recipe's step (LLM, vision encoder, UNet).
+    """
+    import dataclasses as dc
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quality import build_rows
+
+    from dreamcore.batch import to_torch, trim_padding
+    from dreamcore.model import DreamLLM
+    from dreamcore.synthetic import make_corpus
+    from dreamcore.tokenizer import DreamTokenizer
+    from pipelines.recipe import shapes_tiny
+    from pipelines.train.data import mix_counts
+
+    torch.set_num_threads(threads)
+    recipe = shapes_tiny(workers=1)
+    cfg = recipe.train.model
+    rows_per_step = recipe.train.micro_batch_size
+    corpora = [make_corpus(min(d.corpus.num_docs, 400), d.corpus.seed, "http://127.0.0.1:1",
+                           d.corpus.single_image_fraction, d.corpus.story_fraction) for d in recipe.datasets]
+    tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
+                               corpus_texts=[t for d in corpora[0] for t in d["text_list"]])
+    def batches(layouts: list[tuple[str, str]], weights: list[float], rows: int) -> list[dict]:
+        parts = [build_rows(cfg, docs, tok, packing, pair_layout)
+                 for docs, (packing, pair_layout) in zip(corpora, layouts)]
+        taken, cursors, out = [0] * len(parts), [0] * len(parts), []
+        for _ in range(steps):
+            pieces = []
+            for i, n in enumerate(mix_counts(weights, taken, rows)):
+                taken[i] += n
+                idx = [(cursors[i] + j) % len(parts[i]["input_ids"]) for j in range(n)]
+                cursors[i] += n
+                pieces.append({k: v[idx] for k, v in parts[i].items()})
+            out.append(to_torch(trim_padding({k: np.concatenate([q[k] for q in pieces]) for k in pieces[0]})))
+        return out
+
+    def timed(model_cfg, data: list[dict]) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = DreamLLM(model_cfg, tok).train()
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+        t0, images = None, 0
+        for step, batch in enumerate(data):
+            if step == warmup:
+                t0, images = time.perf_counter(), 0
+            images += int((batch["dream_slots"] >= 0).sum())
+            out = model(batch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+        dt = (time.perf_counter() - t0) / (steps - warmup)
+        return dt, images / (steps - warmup) / dt
+
+    layouts = [(d.curate.tokenize.packing, d.curate.tokenize.pair_layout) for d in recipe.datasets]
+    weights = [d.weight for d in recipe.datasets]
+    # The naive mixture's pair rows hold one sequence each: as many of them as the recipe's packed
+    # pair rows hold sequences (about 9), so both steps see about the same documents.
+    pair_seqs = 9
+    naive_layouts = [("truncate", pl) if pl == "pairs" else (pk, pl) for pk, pl in layouts]
+    naive_counts = [rows_per_step * w * (pair_seqs if pl == "pairs" else 1) for w, (_, pl) in zip(weights, layouts)]
+    naive_rows = round(sum(naive_counts))
+    naive_cfg = dc.replace(cfg, loss=dc.replace(cfg.loss, vm_max_images=0))
+    naive = timed(naive_cfg, batches(naive_layouts, [c / sum(naive_counts) for c in naive_counts], naive_rows))
+    ours = timed(cfg, batches(layouts, weights, rows_per_step))
+    print(f"recipe step ({threads} thread(s), {steps} steps, first {warmup} left out):")
+    print(f"  naive stage II (pairs unpacked, {naive_rows} rows; all dream images): {naive[0]:.3f} s/step")
+    print(f"  recipe (packed, {rows_per_step} rows; diffusion loss on {cfg.loss.vm_max_images} images)  "
+          f": {ours[0]:.3f} s/step   speed-up {naive[0] / ours[0]:.2f}x")
+
+    # Where the recipe's forward goes, by component (forward hooks; backward costs about 2x each).
+    model = DreamLLM(cfg, tok).train()
+    spent: dict[str, float] = {}
+    for name, module in (("LLM", model.llm), ("vision encoder", model.vision), ("UNet", model.decoder.unet)):
+        module.register_forward_pre_hook(lambda m, a, n=name: spent.__setitem__(n + "@", time.perf_counter()))
+        module.register_forward_hook(lambda m, a, o, n=name: spent.__setitem__(
+            n, spent.get(n, 0.0) + time.perf_counter() - spent[n + "@"]))
+    data = batches(layouts, weights, rows_per_step)[:10]
+    with torch.no_grad():
+        model(data[0])
+        spent.clear()
+        t0 = time.perf_counter()
+        for batch in data[1:]:
+            model(batch)
+        total = time.perf_counter() - t0
+    shares = ", ".join(f"{n} {spent.get(n, 0.0) / total:.0%}" for n in ("LLM", "vision encoder", "UNet"))
+    print(f"  recipe forward {total / (len(data) - 1):.3f} s: {shares} (the rest: losses, projections, layout)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--recipe-step", action="store_true",
+                        help="profile the embedded recipe's step in-process and compare its layout (no Ray)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --recipe-step")
     args = parser.parse_args()
+    if args.recipe_step:
+        recipe_step(args.steps, args.warmup, args.threads)
+        return 0
     import ray
 
     cfg = preset("tiny")

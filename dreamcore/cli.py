@@ -1,7 +1,7 @@
 """The `dreamcore` command. Each verb lives in the module that does the work; this file only routes.
 
 A verb module exposes `add_arguments(parser)` and `main(args) -> int`. Modules are imported only
-when their verb runs, so `dreamcore generate` (an HTTP client) never imports Ray or torch. The stage
+when their verb runs, so `dreamcore generate --endpoint` (an HTTP client) never imports Ray or torch. The stage
 verbs live in `pipelines/<stage>/cli.py` and map their flags onto their config one way
 (`pipelines/cli_args.py`: `--config FILE`, `--set KEY=VALUE`, named flags that are shorthands).
 """
@@ -18,9 +18,19 @@ VERBS: dict[str, tuple[str, str]] = {
     "curate": ("pipelines.curate.cli", "crawl, filter and tokenize documents into Parquet (Ray Data)"),
     "train": ("pipelines.train.cli", "pretrain on Ray Train + DeepSpeed"),
     "serve": ("pipelines.serve.cli", "serve a checkpoint on Ray Serve (blocks)"),
-    "generate": ("dreamcore.client", "ask a served endpoint for an interleaved document, save HTML"),
+    "generate": ("pipelines.generate.cli", "generate documents from a JSONL of prompts on Ray Data (--checkpoint), "
+                 "or ask a served endpoint for one (--endpoint URL PROMPT, saves HTML)"),
     "submit": ("pipelines.submit", "submit a stage to a Ray cluster as a job; status, logs, stop"),
 }
+# A verb with two forms: given this flag, `dreamcore generate` is the HTTP client of a served endpoint.
+ALTERNATE: dict[str, tuple[str, str]] = {"generate": ("--endpoint", "dreamcore.client")}
+
+
+def _module_of(verb: str, argv: list[str]) -> str:
+    flag, module = ALTERNATE.get(verb, ("", ""))
+    if flag and argv[:1] == [verb] and any(a == flag or a.startswith(flag + "=") for a in argv[1:]):
+        return module
+    return VERBS[verb][0]
 
 
 def _defaults() -> None:
@@ -35,7 +45,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dreamcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, (module, help_text) in VERBS.items():
+    for verb, (_, help_text) in VERBS.items():
+        module = _module_of(verb, argv)
         p = sub.add_parser(verb, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if argv[:1] == [verb]:

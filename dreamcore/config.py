@@ -113,6 +113,15 @@ class DecoderConfig:
     # DDIM's eta: 0 = deterministic DDIM (Stable Diffusion's usual sampler), 1 = fresh noise at
     # every step, as DDPM's ancestral sampler. Per-image seeded either way.
     eta: float = 0.0
+    # Two extra UNet input planes holding each pixel's (x, y) in [-1, 1] (CoordConv, Liu et al. 2018).
+    # Convolutions and attention are translation-equivariant: without them a pixel learns where it
+    # is only from the zero padding, and "on the left" was learned last and worst (docs/architecture.md).
+    # Built-from-config decoders only: a pretrained UNet keeps its own input channels.
+    coord_channels: bool = False
+    # diffusers' only_cross_attention: the transformer blocks of the down/up path attend to the
+    # condition twice instead of to their own pixels first; self-attention over 256 pixels was a
+    # third of the tiny UNet's step (bench/train.py --profile). The mid block keeps self-attention.
+    only_cross_attention: bool = False
     condition_drop_prob: float = 0.1  # training: share of conditions replaced by the empty prompt's
     # DreamLLM keeps Stable Diffusion frozen. The tiny preset's pixel-space UNet starts from random
     # init (no pretrained one exists at 16 px), so it trains; a pretrained decoder stays frozen.
@@ -133,6 +142,11 @@ class LossConfig:
 
     lm_weight: float = 1.0
     vm_weight: float = 10.0
+    # The diffusion loss on at most this many dream images of a micro-batch, drawn uniformly (an
+    # unbiased estimate of the mean over all of them); 0 = all. Packed interleaved rows hold up to
+    # max_seq_len / image_block_len images each, so without a cap a document-heavy batch runs the
+    # UNet several times as often as a pair batch; the LM loss still sees every image.
+    vm_max_images: int = 0
 
 
 @dataclass

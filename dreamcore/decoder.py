@@ -46,7 +46,7 @@ def unet_from_config(cfg: DecoderConfig, in_channels: int = 3) -> UNet2DConditio
     heads = cfg.attention_head_dim
     return UNet2DConditionModel(
         sample_size=cfg.resolution,
-        in_channels=in_channels,
+        in_channels=in_channels + (2 if cfg.coord_channels else 0),
         out_channels=in_channels,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
@@ -55,6 +55,7 @@ def unet_from_config(cfg: DecoderConfig, in_channels: int = 3) -> UNet2DConditio
         cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=heads,
         norm_num_groups=groups,
+        only_cross_attention=cfg.only_cross_attention,
     )
 
 
@@ -98,6 +99,11 @@ class DiffusionDecoder(nn.Module):
         if not 0.0 <= cfg.eta <= 1.0:
             raise ConfigError(f"decoder.eta={cfg.eta} is outside [0, 1]; use 0 (deterministic DDIM) to 1 (DDPM-like)")
         self.resolution = cfg.resolution
+        # A UNet with 2 more inputs than outputs was built with coordinate planes (decoder.coord_channels).
+        self.coord_channels = unet.config.in_channels - unet.config.out_channels
+        if self.coord_channels not in (0, 2):
+            raise ConfigError(f"the UNet has {unet.config.in_channels} input and {unet.config.out_channels} output "
+                              "channels; a decoder needs equal counts, or 2 more inputs (coordinate planes)")
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         if self.resolution % self.vae_scale:
             raise ConfigError(
@@ -171,8 +177,17 @@ class DiffusionDecoder(nn.Module):
             target = noise
         else:
             target = self.train_scheduler.get_velocity(x0, noise, t)
-        pred = self.unet(xt.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype)).sample
+        pred = self.denoise(xt.to(self.unet.dtype), t, cond.to(self.unet.dtype))
         return F.mse_loss(pred.float(), target.float())
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for x at timestep t; with coordinate planes, each pixel's (x, y) too."""
+        if self.coord_channels:
+            k, _, h, w = x.shape
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype),
+                                    torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype), indexing="ij")
+            x = torch.cat([x, torch.stack([xs, ys]).expand(k, -1, -1, -1)], dim=1)
+        return self.unet(x, t, encoder_hidden_states=cond).sample
 
     # ------------------------------------------------------------------------------------------
     # Sampling
@@ -209,7 +224,7 @@ class DiffusionDecoder(nn.Module):
             raise ValueError("guidance_scale != 1 needs `uncond` (the empty-prompt dream condition)")
         device, dtype = cond.device, self.unet.dtype
         # 2. Starting noise (on CPU so a seed gives the same image on any device)
-        shape = (self.unet.config.in_channels, self.latent_size, self.latent_size)
+        shape = (self.unet.config.out_channels, self.latent_size, self.latent_size)
         generators = _generators(k, generator, seed)
         x = _draw(generators, shape).to(device=device, dtype=dtype)
         # 3. Conditions: [uncond; cond] in one UNet batch
@@ -225,7 +240,7 @@ class DiffusionDecoder(nn.Module):
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if use_cfg else x
             inp = scheduler.scale_model_input(inp, t)
-            out = self.unet(inp, t, encoder_hidden_states=enc).sample
+            out = self.denoise(inp, t, enc)
             if use_cfg:
                 out_u, out_c = out.chunk(2)
                 out = out_u + scale * (out_c - out_u)

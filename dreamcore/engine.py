@@ -19,6 +19,10 @@ Image side (needs only the decoder). `decode_dreams(decoder, dreams)` draws one 
 `DreamConditions`; dreams with equal sampler settings share one DDIM batch, and each image's noise
 comes from its own seed, so an image does not depend on the batch it was drawn in.
 
+The continuous-batching scheduler of the LLM replica (dreamcore/scheduler.py) drives the same
+pieces one decode step at a time (`layout` / `embed_layout`, `new_row`, `advance`, `dream_tail`,
+`conditions`, `result`), so a document gets the same tokens and conditions either way.
+
 Rules that exist once, here:
 - sampling: temperature (<= 0 greedy) and top-p, one seeded CPU generator per request;
 - never sampled: pad, BOS and the block/slot tokens (`<im_start> <im_patch> <im_end> <dream_end>`);
@@ -91,6 +95,7 @@ class TextResult:
     uncond: np.ndarray | None = None  # (Q, C)
     error: str | None = None  # why this request could not run (its batch-mates are unaffected)
     too_long: bool = False  # the error is the context length (serving answers 413; other errors 422)
+    retry_after_s: float | None = None  # set: refused for capacity, not for its input (serving answers 503)
 
 
 class PromptTooLongError(ValueError):
@@ -117,13 +122,31 @@ def as_rgb(image: ImageLike, size: int) -> np.ndarray:
 
 
 @dataclass
-class _Row:
-    """One request in a batch: its embeddings and what it has produced so far."""
+class Layout:
+    """A document laid out as in training, before embedding: token ids, slot starts, its images."""
+
+    ids: list[int]
+    dream_slots: list[int]  # first query slot of each dream block (-1: a given image, no dream block)
+    image_slots: list[int]  # first patch slot of each comprehension block, parallel to `images`
+    images: list[np.ndarray]  # (S, S, 3) uint8 at the vision encoder's resolution
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Row:
+    """One request being decoded: its sampling state and what it has produced so far.
+
+    `continue_batch` and the continuous-batching scheduler (dreamcore/scheduler.py) both hold
+    their requests as Rows, so one sampler and one stop rule (`TextEngine.advance`) serve both.
+    """
 
     req: TextRequest
-    embeds: torch.Tensor  # (L, D) prompt embeddings, slots filled
+    prompt_len: int  # tokens of the laid-out document (images included)
     budget: int  # tokens this row may sample
     generator: torch.Generator
+    embeds: torch.Tensor | None = None  # (L, D) the whole prompt, for continue_batch's prefill
     new_ids: list[int] = field(default_factory=list)
     stop: str | None = None
 
@@ -147,9 +170,9 @@ class TextEngine:
 
     # -- layout ----------------------------------------------------------------------------------
 
-    def embed(self, parts: Sequence[DocPart]) -> torch.Tensor:
-        """Document parts -> (L, D) embeddings with query and patch slots filled."""
-        t, size = self.tok, self.model.cfg.vision.image_size
+    def layout(self, parts: Sequence[DocPart]) -> Layout:
+        """Document parts -> token ids and slot positions (`encode_prompt`), images read by `as_rgb`."""
+        size = self.model.cfg.vision.image_size
         prompt: list[str | int] = []
         drawn: list[int] = []
         images: list[np.ndarray] = []
@@ -162,15 +185,45 @@ class TextEngine:
                 part = part.image
             prompt.append(len(images))
             images.append(as_rgb(part, size))
-        enc = t.encode_prompt(prompt, drawn=drawn)
-        embeds = self.model.embed_tokens(torch.tensor(enc.input_ids, device=self.device))  # (L, D)
-        for start in (s for s in enc.dream_slots if s >= 0):
-            embeds[start:start + t.num_dream_queries] = self.model.dream_queries.to(embeds.dtype)
-        if images:
-            feats = self.model.encode_images(torch.from_numpy(np.stack(images)).to(self.device))  # (K, N, D)
-            for start, f in zip(enc.image_slots, feats):
-                embeds[start:start + t.num_image_tokens] = f.to(embeds.dtype)
+        enc = self.tok.encode_prompt(prompt, drawn=drawn)
+        return Layout(enc.input_ids, enc.dream_slots, enc.image_slots, images)
+
+    def embed_layout(self, lay: Layout, start: int = 0) -> torch.Tensor:
+        """(L - start, D) embeddings of positions start.. of `lay`, query and patch slots filled.
+
+        `start` > 0 embeds only what a KV cache of the first `start` positions lacks: the vision
+        encoder runs only on images whose comprehension block reaches past `start`.
+        """
+        t = self.tok
+        embeds = self.model.embed_tokens(torch.tensor(lay.ids[start:], device=self.device))  # (L - start, D)
+        queries = self.model.dream_queries.to(embeds.dtype)  # (Q, D)
+        for slot in (s for s in lay.dream_slots if s >= 0):
+            _fill(embeds, start, slot, queries)
+        todo = [(slot, im) for slot, im in zip(lay.image_slots, lay.images) if slot + t.num_image_tokens > start]
+        if todo:
+            pixels = torch.from_numpy(np.stack([im for _, im in todo])).to(self.device)
+            feats = self.model.encode_images(pixels)  # (K, N, D)
+            for (slot, _), f in zip(todo, feats):
+                _fill(embeds, start, slot, f.to(embeds.dtype))
         return embeds
+
+    def embed(self, parts: Sequence[DocPart]) -> torch.Tensor:
+        """Document parts -> (L, D) embeddings with query and patch slots filled."""
+        return self.embed_layout(self.layout(parts))
+
+    def dream_tail(self, ids: Sequence[int]) -> torch.Tensor:
+        """(len(ids) + Q, D): the embeddings of `ids` (ending in <dream_start>), then the dream queries."""
+        tail = self.model.embed_tokens(torch.tensor(list(ids), device=self.device))
+        return torch.cat([tail, self.model.dream_queries.to(tail.dtype)])
+
+    def conditions(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, Q, D) last hidden states at the query slots -> (B, Q, C) dream conditions."""
+        proj = self.model.cond_proj
+        return proj(h.to(proj.weight.dtype))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, D) last hidden states -> (B, V) next-token logits."""
+        return self.model.llm.get_output_embeddings()(h)
 
     def _forward(self, seqs: list[torch.Tensor], past: Any = None, mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
@@ -190,11 +243,11 @@ class TextEngine:
 
     # -- sampling --------------------------------------------------------------------------------
 
-    def _room_for_image(self, row: _Row) -> bool:
-        used = row.embeds.shape[0] + len(row.new_ids)
+    def _room_for_image(self, row: Row) -> bool:
+        used = row.prompt_len + len(row.new_ids)
         return used + self.image_cost < self.max_len
 
-    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+    def _sample(self, logits: torch.Tensor, row: Row) -> int:
         """One token from (V,) logits under the row's rules (bans, image room, temperature, top-p)."""
         lg = logits.float().clone()
         lg[self.banned] = float("-inf")
@@ -211,11 +264,50 @@ class TextEngine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
+    def advance(self, row: Row, logits: torch.Tensor) -> int:
+        """Sample the row's next token from its (V,) logits and apply the stop rule; returns the token."""
+        t = self.tok
+        tok = self._sample(logits, row)
+        row.new_ids.append(tok)
+        if tok == t.dream_start_id:
+            row.stop = "dream"
+        elif tok == t.eos_id:
+            row.stop = "eos"
+        elif len(row.new_ids) >= row.budget:
+            row.stop = "length"
+        return tok
+
+    def new_row(self, req: TextRequest, prompt_len: int) -> Row:
+        """A request's decoding state for a laid-out prompt of `prompt_len` tokens (or PromptTooLongError)."""
+        room = self.max_len - prompt_len
+        if room < (self.tok.dream_block_len if req.force_dream else 1):
+            raise PromptTooLongError(
+                f"the prompt is {prompt_len} tokens with its images; this model takes at most "
+                f"{self.max_len} (shorten the prompt or send fewer images)")
+        row = Row(req, prompt_len, min(req.max_new_tokens, room), torch.Generator().manual_seed(int(req.seed)))
+        if req.force_dream:
+            row.new_ids, row.stop = [self.tok.dream_start_id], "dream"
+        elif row.budget <= 0:
+            row.stop = "length"
+        return row
+
+    def result(self, row: Row, cond: np.ndarray | None) -> TextResult:
+        """The finished row as a TextResult (`cond`: its (Q, C) dream condition when it stopped at one)."""
+        text_ids = [x for x in row.new_ids if x not in (self.tok.eos_id, self.tok.dream_start_id)]
+        return TextResult(self.tok.decode(text_ids), row.stop or "length", row.prompt_len, len(row.new_ids),
+                          text_ids, cond, self.uncond if cond is not None else None)
+
+    @staticmethod
+    def failed(e: Exception) -> TextResult:
+        """The result of a request that could not run: a message for the caller, no internals."""
+        message = "an image is not a decodable image file (send PNG or JPEG)" if isinstance(e, OSError) else str(e)
+        return TextResult("", "error", 0, 0, error=message, too_long=isinstance(e, PromptTooLongError))
+
     @torch.inference_mode()
     def continue_batch(self, requests: Sequence[TextRequest]) -> list[TextResult]:
         """Continue every document of the batch; results in the order of `requests`."""
         # 1. Lay out and embed each document; a prompt the context cannot hold fails alone.
-        rows: list[_Row | None] = []
+        rows: list[Row | None] = []
         errors: dict[int, Exception] = {}
         for i, req in enumerate(requests):
             try:
@@ -232,53 +324,21 @@ class TextEngine:
         # 3. Dream conditions for the rows that stopped at <dream_start>, in one batched forward.
         dreamers = [r for r in rows if r is not None and r.stop == "dream"]
         cond_of = dict(zip(map(id, dreamers), self._conditions(dreamers))) if dreamers else {}
-        out = []
-        for i, r in enumerate(rows):
-            if r is None:
-                e = errors[i]
-                message = "an image is not a decodable image file (send PNG or JPEG)" if isinstance(e, OSError) else str(e)
-                out.append(TextResult("", "error", 0, 0, error=message, too_long=isinstance(e, PromptTooLongError)))
-                continue
-            text_ids = [x for x in r.new_ids if x not in (self.tok.eos_id, self.tok.dream_start_id)]
-            cond = cond_of.get(id(r))
-            out.append(TextResult(self.tok.decode(text_ids), r.stop or "length", r.embeds.shape[0],
-                                  len(r.new_ids), text_ids, cond, self.uncond if cond is not None else None))
-        return out
+        return [self.failed(errors[i]) if r is None else self.result(r, cond_of.get(id(r)))
+                for i, r in enumerate(rows)]
 
-    def _row(self, req: TextRequest) -> _Row:
+    def _row(self, req: TextRequest) -> Row:
         embeds = self.embed(req.parts)
-        room = self.max_len - embeds.shape[0]
-        if room < (self.tok.dream_block_len if req.force_dream else 1):
-            raise PromptTooLongError(
-                f"the prompt is {embeds.shape[0]} tokens with its images; this model takes at most "
-                f"{self.max_len} (shorten the prompt or send fewer images)")
-        row = _Row(req, embeds, min(req.max_new_tokens, room), torch.Generator().manual_seed(int(req.seed)))
-        if req.force_dream:
-            row.new_ids, row.stop = [self.tok.dream_start_id], "dream"
-        elif row.budget <= 0:
-            row.stop = "length"
+        row = self.new_row(req, embeds.shape[0])
+        row.embeds = embeds
         return row
 
-    def _decode_tokens(self, rows: list[_Row]) -> None:
+    def _decode_tokens(self, rows: list[Row]) -> None:
         t = self.tok
-        lm_head = self.model.llm.get_output_embeddings()
         h, past, mask, pos = self._forward([r.embeds for r in rows])
         while True:
-            logits = lm_head(h[:, -1])  # (B, V)
-            next_ids = []
-            for i, r in enumerate(rows):
-                if r.stop is not None:
-                    next_ids.append(t.pad_id)
-                    continue
-                tok = self._sample(logits[i], r)
-                r.new_ids.append(tok)
-                if tok == t.dream_start_id:
-                    r.stop = "dream"
-                elif tok == t.eos_id:
-                    r.stop = "eos"
-                elif len(r.new_ids) >= r.budget:
-                    r.stop = "length"
-                next_ids.append(tok)
+            logits = self.logits(h[:, -1])  # (B, V)
+            next_ids = [t.pad_id if r.stop is not None else self.advance(r, logits[i]) for i, r in enumerate(rows)]
             if all(r.stop is not None for r in rows):
                 return
             ids = torch.tensor(next_ids, device=self.device).view(-1, 1)
@@ -286,17 +346,19 @@ class TextEngine:
             pos = pos[:, -1:] + 1
             h, past, _, _ = self._forward(list(self.model.embed_tokens(ids)), past, mask, pos)
 
-    def _conditions(self, rows: list[_Row]) -> list[np.ndarray]:
+    def _conditions(self, rows: list[Row]) -> list[np.ndarray]:
         """(Q, C) condition per row: prefix + sampled tokens (ending in <dream_start>) + dream queries."""
-        m = self.model
-        seqs = []
-        for r in rows:  # new_ids ends with <dream_start>
-            tail = m.embed_tokens(torch.tensor(r.new_ids, device=self.device))
-            seqs.append(torch.cat([r.embeds, tail, m.dream_queries.to(r.embeds.dtype)]))
+        seqs = [torch.cat([r.embeds, self.dream_tail(r.new_ids)]) for r in rows]  # new_ids ends with <dream_start>
         h, _, _, _ = self._forward(seqs)
-        q = self.tok.num_dream_queries
-        cond = m.cond_proj(h[:, -q:].to(m.cond_proj.weight.dtype))  # (B, Q, C)
+        cond = self.conditions(h[:, -self.tok.num_dream_queries:])  # (B, Q, C)
         return list(cond.float().cpu().numpy())
+
+
+def _fill(embeds: torch.Tensor, start: int, slot: int, values: torch.Tensor) -> None:
+    """Write the (n, D) block at positions slot..slot+n into `embeds`, which begins at position `start`."""
+    lo, hi = max(slot, start), slot + values.shape[0]
+    if hi > lo:
+        embeds[lo - start:hi - start] = values[lo - slot:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -263,6 +263,11 @@ class DreamLLM(nn.Module):
 
         # 3. Dream conditions -> diffusion loss on the images that have a dream block.
         if db.numel():
+            cap = self.cfg.loss.vm_max_images
+            if self.training and 0 < cap < db.numel():  # a uniform subset of the dream images
+                keep = torch.randperm(db.numel(), device=db.device)[:cap].sort().values
+                db, dm = db[keep], dm[keep]
+                qpos = qpos.view(-1, self.num_queries)[keep].reshape(-1)
             cond = self.cond_proj(h.reshape(B * T, D)[qpos].view(-1, self.num_queries, D))  # (K, Q, C)
             cond = self._drop_conditions(cond)
             vm_loss = self.decoder.loss(self.decoder_pixels(images[db, dm]), cond)

@@ -10,6 +10,7 @@ configuration (real shards, weights by path, a cluster address); the code path i
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import html
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.recipe import Recipe, shapes_tiny
+from pipelines.train.config import MixtureEntry
 
 log = logging.getLogger("dreamcore.demo")
 
@@ -65,25 +67,32 @@ def _step(n: int, title: str) -> float:
 
 def demo_recipe(workers: int | None = None, docs: int | None = None, quick: bool = False,
                 train_minutes: float = 0.0, overrides: list[str] | None = None) -> Recipe:
-    """`pipelines.recipe.shapes_tiny` with the demo's flags applied (the one place they apply)."""
+    """`pipelines.recipe.shapes_tiny` with the demo's flags applied (the one place they apply).
+
+    `docs` scales every dataset of the mixture to that many documents in all, in proportion.
+    """
     from dreamcore.config import load_config
 
     cores = _cores()
     recipe = shapes_tiny(workers or min(2, cores))
-    corpus = dataclasses.replace(recipe.corpus, num_docs=docs or recipe.corpus.num_docs)
+    total = sum(d.corpus.num_docs for d in recipe.datasets)
+    if quick:  # 24 documents: fewer rows than one recipe batch
+        docs = min(docs or total, 24)
+    if docs:
+        recipe.datasets = [dataclasses.replace(d, corpus=dataclasses.replace(
+            d.corpus, num_docs=max(1, round(docs * d.corpus.num_docs / total)))) for d in recipe.datasets]
     train = recipe.train
     # The cores are shared out as torch threads (Ray would give a 0.5-CPU worker one thread; PNG
     # decode for ingest is cheap next to the step, and the decoded corpus is cached after epoch 1).
     train.scaling.torch_threads = max(1, cores // train.scaling.workers)
     train.max_minutes = train_minutes
-    if quick:  # 24 documents make 48 pair rows: fewer than one recipe batch
-        corpus = dataclasses.replace(corpus, num_docs=min(corpus.num_docs, 24))
+    if quick:
         train.max_steps, train.micro_batch_size, train.log_every = 20, 8, 5
         train.checkpoint.every_steps = 10
     evals = (dataclasses.replace(recipe.eval, num_prompts=12, num_images=12, num_stories=2, num_free_stories=2)
              if quick else recipe.eval)
     train = load_config(train, None, overrides or []).validate()
-    return dataclasses.replace(recipe, corpus=corpus, train=train, eval=evals)
+    return dataclasses.replace(recipe, train=train, eval=evals)
 
 
 def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
@@ -104,34 +113,51 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    docs, workers = recipe.corpus.num_docs, recipe.train.scaling.workers
+    workers = recipe.train.scaling.workers
+    manifests: dict[str, dict[str, Any]] = {}
+    mixture: list[MixtureEntry] = []
 
     with synthetic.ImageServer() as server:
-        # 1. The corpus: MMC4-format JSONL whose image URLs point at the loopback image server.
-        t0 = _step(1, f"synthetic corpus ({docs} MMC4-format documents, images at {server.base_url})")
+        # 1. The corpora: MMC4-format JSONL whose image URLs point at the loopback image server.
+        t0 = _step(1, "synthetic corpora (MMC4-format documents, images at " + server.base_url + "): " + ", ".join(
+            f"{d.name} {d.corpus.num_docs}" for d in recipe.datasets))
         raw = out / "raw"
         raw.mkdir(exist_ok=True)
-        corpus = synthetic.make_corpus(docs, seed=seed + recipe.corpus.seed, image_base_url=server.base_url,
-                                       single_image_fraction=recipe.corpus.single_image_fraction,
-                                       story_fraction=recipe.corpus.story_fraction)
-        shard = raw / "shapes-000.jsonl"
-        shard.write_text("".join(json.dumps(d) + "\n" for d in corpus))
+        shards = {}
+        for d in recipe.datasets:
+            corpus = synthetic.make_corpus(d.corpus.num_docs, seed=seed + d.corpus.seed, image_base_url=server.base_url,
+                                           single_image_fraction=d.corpus.single_image_fraction,
+                                           story_fraction=d.corpus.story_fraction)
+            shards[d.name] = raw / f"{d.name}-000.jsonl"
+            shards[d.name].write_text("".join(json.dumps(doc) + "\n" for doc in corpus))
         timings["corpus_s"] = time.perf_counter() - t0
 
         if not ray.is_initialized():
             ray.init(num_cpus=_cores(), include_dashboard=False)
 
-        # 2. Curate on Ray Data: crawl the loopback server, filter, tokenize, write Parquet.
-        t0 = _step(2, "curate (Ray Data): crawl -> filter -> tokenize -> Parquet")
-        data_dir = out / "data"
-        manifest = curate([str(shard)], data_dir, recipe.curate)
+        # 2. Curate each dataset on Ray Data: crawl the loopback server, filter, tokenize, write
+        # Parquet. The first trains the tokenizer; the others are tokenized with it.
+        t0 = _step(2, "curate (Ray Data): crawl -> filter -> tokenize -> Parquet, one folder per dataset")
+        tokenizer_dir: Path | None = None
+        for d in recipe.datasets:
+            cfg = copy.deepcopy(d.curate)
+            if tokenizer_dir is not None:
+                cfg.model_overrides = {**cfg.model_overrides, "tokenizer": {"name_or_path": str(tokenizer_dir)}}
+            folder = out / "data" / d.name
+            manifests[d.name] = curate([str(shards[d.name])], folder, cfg)
+            tokenizer_dir = tokenizer_dir or folder / "tokenizer"
+            mixture.append(MixtureEntry(path=str(folder), weight=d.weight, name=d.name))
+            print(f"   {d.name}: {manifests[d.name]['outputs']['samples']} samples "
+                  f"({d.curate.tokenize.pair_layout}, {d.curate.tokenize.packing})")
         timings["curate_s"] = time.perf_counter() - t0
-        print(f"   {manifest['outputs']['samples']} samples in {len(manifest['outputs']['files'])} file(s)")
 
     # 3. Train the tiny preset on Ray Train + DeepSpeed (CPU workers), export the model.
-    t0 = _step(3, f"train (Ray Train + DeepSpeed, {workers} CPU worker(s), {recipe.train.max_steps} steps)")
+    t0 = _step(3, f"train (Ray Train + DeepSpeed, {workers} CPU worker(s), {recipe.train.max_steps} steps, mixture "
+                  + " + ".join(f"{e.name} {e.weight:g}" for e in mixture) + ")")
     run_dir = out / "run"
-    result = train(recipe.train, data_dir, run_dir)
+    train_cfg = copy.deepcopy(recipe.train)
+    train_cfg.data.mixture = mixture
+    result = train(train_cfg, None, run_dir)
     timings["train_s"] = time.perf_counter() - t0
 
     # 4. Score the exported model on held-out prompts and images, through the serving engine.
@@ -167,16 +193,17 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
     timings["serve_s"] = time.perf_counter() - t0
 
     # 6. The report.
-    summary = {"recipe": {"corpus": dataclasses.asdict(recipe.corpus), "eval": dataclasses.asdict(recipe.eval),
-                          "tokenize": dataclasses.asdict(recipe.curate.tokenize), "train": to_dict(recipe.train)},
+    summary = {"recipe": {"datasets": [dataclasses.asdict(d) for d in recipe.datasets],
+                          "eval": dataclasses.asdict(recipe.eval), "train": to_dict(train_cfg)},
                "training": {"steps": result.steps, "recipe_steps": recipe.train.max_steps,
                             "stopped_early": stopped_early, "final": result.metrics},
-               "curation": {"samples": manifest["outputs"]["samples"], "stages": manifest["stages"]},
+               "curation": {name: {"samples": m["outputs"]["samples"], "stages": m["stages"]}
+                            for name, m in manifests.items()},
                "quality": scores.to_dict(), "timings_s": timings,
                "served": [{"prompt": d["prompt"], "finish_reason": d["finish_reason"],
                            "images": sum(p["type"] == "image" for p in d["parts"])} for d in documents]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    report = write_report(out / "report.html", documents, manifest, run_dir, scores, timings, url, stopped_early)
+    report = write_report(out / "report.html", documents, manifests, run_dir, scores, timings, url, stopped_early)
     print(f"\nreport: {report}")
     return report
 
@@ -258,7 +285,7 @@ def _examples_html(scores: Any) -> str:
     return "\n".join(out)
 
 
-def write_report(path: Path, documents: list[dict[str, Any]], manifest: dict[str, Any], run_dir: Path,
+def write_report(path: Path, documents: list[dict[str, Any]], manifests: dict[str, dict[str, Any]], run_dir: Path,
                  scores: Any, timings: dict[str, float], url: str, stopped_early: bool = False) -> Path:
     from dreamcore.report import document_html, figure_html, page_html, table_html
 
@@ -276,10 +303,11 @@ def write_report(path: Path, documents: list[dict[str, Any]], manifest: dict[str
     sections.append(_examples_html(scores))
     sections.append("<h2>Attribute confusion (text->image: true attribute vs what the scorer read)</h2>")
     sections.append(_confusion_html(scores))
-    sections.append("<h2>Curation manifest</h2>")
-    sections.append(table_html(_manifest_rows(manifest)))
-    sections.append(table_html({"samples": manifest["outputs"]["samples"],
-                                "files": len(manifest["outputs"]["files"])}))
+    for name, manifest in manifests.items():
+        sections.append(f"<h2>Curation manifest: {html.escape(name)}</h2>")
+        sections.append(table_html(_manifest_rows(manifest)))
+        sections.append(table_html({"samples": manifest["outputs"]["samples"],
+                                    "files": len(manifest["outputs"]["files"])}))
     curve = _training_curve(run_dir)
     sections.append("<h2>Training</h2>")
     if curve:

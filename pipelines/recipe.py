@@ -19,12 +19,27 @@ from pipelines.train.config import OptimConfig, TrainConfig
 
 @dataclass(frozen=True)
 class CorpusSettings:
-    """The synthetic shapes corpus (`dreamcore.synthetic.make_corpus`)."""
+    """A synthetic shapes corpus (`dreamcore.synthetic.make_corpus`)."""
 
     num_docs: int = 3000
     seed: int = 0
     single_image_fraction: float = 1.0  # share of one-image documents (text-image pairs)
     story_fraction: float = 0.0  # share of interleaved stories (2-4 images; the rest: unrelated images)
+
+
+@dataclass
+class Dataset:
+    """One curated folder of the training mixture: its corpus, how curation lays it out, its share.
+
+    The first dataset's curation trains the tokenizer; the others are curated with it
+    (`model_overrides.tokenizer.name_or_path`), as a real run curates MMC4 and caption pairs with
+    one tokenizer before mixing them.
+    """
+
+    name: str
+    corpus: CorpusSettings
+    curate: CurateConfig
+    weight: float = 1.0  # relative share of training rows (TrainConfig.data.mixture)
 
 
 @dataclass(frozen=True)
@@ -47,31 +62,64 @@ class EvalSettings:
 
 @dataclass
 class Recipe:
-    corpus: CorpusSettings = field(default_factory=CorpusSettings)
-    curate: CurateConfig = field(default_factory=embedded)
+    datasets: list[Dataset]
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
+    def dataset(self, name: str) -> Dataset:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise ConfigError(f"the recipe has no dataset {name!r}; it has {', '.join(d.name for d in self.datasets)}")
 
-GLOBAL_BATCH = 64  # rows per optimizer step over all workers: 32 creation + 32 comprehension pairs
+
+# Rows per optimizer step over all workers. Every row is packed (document-masked) to max_seq_len:
+# a pair row holds about 9 one-image sequences (4.5 creation + 4.5 comprehension), a story row 1-2
+# stories (about 4 images). 7 pair rows + 3 story rows: about 31 creation and 31 comprehension
+# pairs and 13 story images a step, the LLM at 10 x 256 tokens.
+GLOBAL_BATCH = 10
 
 
 def shapes_tiny(workers: int = 2) -> Recipe:
-    """The tiny preset on the shapes world: DreamLLM pair data, unpacked, 1500 steps of 64 rows.
+    """The tiny preset on the shapes world, DreamLLM stage II: a mixture of text-image pairs and
+    interleaved stories, 1200 steps of 10 packed rows.
 
+    - pairs (weight PAIRS_WEIGHT): one-image documents, each a creation sequence (sentence -> dream
+      block) and a comprehension sequence (image -> sentence);
+    - stories: 2-4 images of one shape that changes, the text between images naming only what
+      changes, so image k depends on the text and the images before it.
+    Both are packed several sequences to a row; each attends only to itself (document masking).
     `workers` data-parallel Ray Train workers split the global batch, so 1 or 2 workers train on
-    the same batches of 64 rows.
+    the same batches of 10 rows.
     """
     if workers < 1 or GLOBAL_BATCH % workers:
         raise ConfigError(f"shapes_tiny(workers={workers}): workers must divide the global batch {GLOBAL_BATCH}")
-    curate = embedded()
-    curate.tokenize.pair_layout = "pairs"  # one-image documents -> a creation and a comprehension row
-    curate.tokenize.packing = "truncate"  # one sequence per row
+    pairs = embedded()
+    pairs.tokenize.pair_layout = "pairs"  # one-image documents -> a creation and a comprehension sequence
+    pairs.tokenize.packing = "pack"
+    stories = embedded()
+    stories.tokenize.pair_layout = "interleaved"
+    stories.tokenize.packing = "pack"
+    model = preset("tiny")
+    model.decoder.coord_channels = True
+    # The diffusion loss on 32 dream images a step (of about 44), split over the workers.
+    model.loss.vm_max_images = VM_IMAGES // workers
     train = TrainConfig(
-        model=preset("tiny"),
+        model=model,
         micro_batch_size=GLOBAL_BATCH // workers,
-        max_steps=1500,
+        max_steps=1200,
         optim=OptimConfig(lr=2e-3, weight_decay=0.0, beta2=0.95, grad_clip=1.0, warmup_steps=50, min_lr_ratio=0.1),
     )
     train.scaling.workers = workers
-    return Recipe(curate=curate, train=train.validate())
+    # Stories first: their curation trains the tokenizer, on text that has every sentence kind.
+    datasets = [
+        Dataset("stories", CorpusSettings(num_docs=STORY_DOCS, seed=1, single_image_fraction=0.0, story_fraction=1.0),
+                stories, weight=1.0 - PAIRS_WEIGHT),
+        Dataset("pairs", CorpusSettings(num_docs=3000, seed=0), pairs, weight=PAIRS_WEIGHT),
+    ]
+    return Recipe(datasets=datasets, train=train.validate())
+
+
+PAIRS_WEIGHT = 0.7  # DreamLLM's stage II mixes interleaved documents with pairs; see docs/architecture.md
+STORY_DOCS = 2000
+VM_IMAGES = 32

@@ -92,6 +92,20 @@ def debug_model(cfg: ModelConfig | None = None, tok: DreamTokenizer | None = Non
     return DreamLLM(cfg, tok), tok
 
 
+def dreaming_model(dream_bias: float, seed: int = 1) -> tuple[DreamLLM, DreamTokenizer]:
+    """The debug model (eval mode) with a bias on <dream_start> in its LM head, so an untrained
+    model draws (LLaMA's head has no bias; only generation tests add one)."""
+    model, tok = debug_model(seed=seed)
+    head = model.llm.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[tok.dream_start_id] = dream_bias
+    model.llm.lm_head = biased
+    return model.eval(), tok
+
+
 def solid_image(colour: tuple[int, int, int], size: int) -> Image.Image:
     arr = np.zeros((size, size, 3), dtype=np.uint8)
     arr[:] = 245

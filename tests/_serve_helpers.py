@@ -9,6 +9,7 @@ rest of its text stays random. Nothing in the server knows about this; it only c
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -42,3 +43,10 @@ def make_checkpoint(directory: Path, dream_logit: float = 0.3) -> Path:
         head[tok.dream_start_id, 0] = dream_logit
     save_pretrained(model, tok, directory)
     return directory
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's Serve HTTP proxy."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -152,3 +152,32 @@ def test_tiny_preset_samples_stochastically_with_mild_guidance():
     bench/quality.py score with these settings, as serving samples with them."""
     cfg = tiny().decoder
     assert cfg.eta == 1.0 and cfg.guidance_scale == 2.0
+
+
+def test_coordinate_planes_tell_the_unet_where_each_pixel_is(tmp_path):
+    """decoder.coord_channels: the UNet takes 2 more inputs than it predicts, the (x, y) planes are
+    added inside `denoise` (training and sampling alike), and a saved UNet brings them back."""
+    dec = _decoder(coord_channels=True, only_cross_attention=True)
+    assert (dec.unet.config.in_channels, dec.unet.config.out_channels, dec.coord_channels) == (5, 3, 2)
+    assert torch.isfinite(dec.loss(torch.rand(2, 3, 16, 16) * 2 - 1, _cond(2, 0)))
+    x, t, cond = torch.randn(1, 3, 16, 16), torch.tensor([500]), _cond(1, 0)
+    with torch.no_grad():  # the same pixels shifted: a plain UNet sees a shifted copy, this one does not
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+        by_hand = dec.unet(torch.cat([x, xs[None, None], ys[None, None]], 1), t, encoder_hidden_states=cond).sample
+        torch.testing.assert_close(dec.denoise(x, t, cond), by_hand)
+        swapped = dec.unet(torch.cat([x, ys[None, None], xs[None, None]], 1), t, encoder_hidden_states=cond).sample
+        assert not torch.allclose(by_hand, swapped)
+    out = dec.eval().sample(_cond(2, 0), _cond(1, 1)[0], num_inference_steps=2, seed=0)
+    assert out.shape == (2, 3, 16, 16)  # noise and images have the image's channels, not the UNet's inputs
+    dec.unet.save_pretrained(tmp_path / "unet")
+    DDPMScheduler.from_config(dec.sample_scheduler_config).save_pretrained(tmp_path / "scheduler")
+    loaded = load_decoder(debug_config(decoder={"name_or_path": str(tmp_path)}).decoder).eval()
+    assert loaded.coord_channels == 2
+    torch.testing.assert_close(loaded.sample(_cond(2, 0), _cond(1, 1)[0], 2, seed=0), out)
+
+
+def test_a_unet_with_unmatched_channels_is_refused():
+    unet = _decoder(coord_channels=True).unet
+    unet.register_to_config(in_channels=4)
+    with pytest.raises(ConfigError, match="2 more inputs"):
+        DiffusionDecoder(debug_config().decoder, unet, None, _decoder().sample_scheduler_config)

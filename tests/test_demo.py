@@ -13,19 +13,25 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(ray_session, tmp_path
     from pipelines.demo import DEMO_PROMPTS, demo_recipe, run_demo
 
     recipe = demo_recipe(quick=True)
-    assert recipe.train.max_steps == 20 and recipe.corpus.num_docs == 24 and recipe.train.max_minutes == 0
+    assert recipe.train.max_steps == 20 and recipe.train.max_minutes == 0
+    assert sum(d.corpus.num_docs for d in recipe.datasets) == 24 and len(recipe.datasets) == 2
     report = run_demo(tmp_path / "demo", recipe, seed=0, prompts=DEMO_PROMPTS[:2])
 
     html = report.read_text()
     # Served documents made it into the report, with at least one embedded generated image.
     assert "Generated interleaved documents" in html
     assert re.search(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{40,}"', html)
-    # The curation manifest is accounted for and the samples were the training input.
-    manifest = json.loads((tmp_path / "demo" / "data" / "manifest.json").read_text())
-    for stage in manifest["stages"].values():
-        for kind in ("documents", "images"):
-            assert stage["in"][kind] == stage["out"][kind] + sum(stage["dropped"][kind].values())
-    assert manifest["outputs"]["samples"] > 0
+    # Each dataset's curation manifest is accounted for; the later ones use the first's tokenizer,
+    # and training mixed them by their weights.
+    hashes = set()
+    for d in recipe.datasets:
+        manifest = json.loads((tmp_path / "demo" / "data" / d.name / "manifest.json").read_text())
+        for stage in manifest["stages"].values():
+            for kind in ("documents", "images"):
+                assert stage["in"][kind] == stage["out"][kind] + sum(stage["dropped"][kind].values())
+        assert manifest["outputs"]["samples"] > 0
+        hashes.add(manifest["tokenizer_hash"])
+    assert len(hashes) == 1
     # Training ran through the Ray Train job and exported a loadable model; its curve is plotted.
     assert (tmp_path / "demo" / "run" / "model" / "config.json").is_file()
     assert "training loss" in html
@@ -36,3 +42,5 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(ray_session, tmp_path
     assert colour["n"] == 12 and colour["low"] <= colour["value"] <= colour["high"]
     assert summary["training"]["steps"] == summary["training"]["recipe_steps"] == 20
     assert not summary["training"]["stopped_early"] and "story_all" in summary["quality"]["figures"]
+    final = summary["training"]["final"]
+    assert {f"rows_{d.name}" for d in recipe.datasets} <= set(final)

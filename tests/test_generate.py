@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _model_helpers import debug_model, one_thread, png, solid_image  # noqa: F401 (fixture)
+from _model_helpers import debug_model, dreaming_model, one_thread, png, solid_image  # noqa: F401 (fixture)
 from PIL import Image
-from torch import nn
 
 from dreamcore.engine import Drawn, DreamConditions, TextEngine, TextRequest, as_rgb, decode_dreams
 from dreamcore.generate import (
@@ -35,19 +34,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def dreamer():
-    """A tiny model whose LM head favours <dream_start>: an untrained model would almost never draw.
-
-    The head gets a bias (LLaMA's has none); only these generation tests use it.
-    """
-    model, tok = debug_model(seed=1)
-    head = model.llm.lm_head
-    biased = nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.zero_()
-        biased.bias[tok.dream_start_id] = 40.0
-    model.llm.lm_head = biased
-    model.eval()
+    """A tiny model whose LM head favours <dream_start>: an untrained model would almost never draw."""
+    model, tok = dreaming_model(40.0)
     return model, tok, TextEngine(model, tok)
 
 

@@ -184,3 +184,34 @@ def test_slot_contents_replace_placeholder_embeddings():
     other = dict(batch, images=255 - batch["images"])
     with torch.no_grad():
         assert model(batch)["lm_loss"] != model(other)["lm_loss"]
+
+
+def test_vm_max_images_trains_the_decoder_on_a_uniform_subset_with_its_own_conditions():
+    """loss.vm_max_images: the diffusion loss sees at most that many dream images per micro-batch,
+    each with the condition of its own dream block; evaluation sees all of them."""
+    cfg = debug_config(loss={"vm_max_images": 1}, decoder={"condition_drop_prob": 0.0})
+    model, tok = debug_model(cfg)
+    batch = make_batch(cfg, tok, INTERLEAVED)
+    seen = []
+    real = model.decoder.loss
+    model.decoder.loss = lambda images, cond: seen.append((images, cond)) or real(images, cond)
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    all_images, all_cond = seen.pop()
+    assert all_images.shape[0] >= 2  # the test needs a choice
+    model.train()
+    picked = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = model(batch)
+        images, cond = seen.pop()
+        assert images.shape[0] == 1
+        # The image and the condition of its own dream block (two blocks may share a picture).
+        match = [i for i in range(all_images.shape[0]) if torch.equal(all_images[i], images[0])
+                 and torch.allclose(all_cond[i], cond[0], atol=1e-5)]
+        assert len(match) == 1
+        picked.add(match[0])
+    assert len(picked) >= 2  # drawn at random, not always the first
+    out["loss"].backward()
+    assert model.dream_queries.grad.abs().sum() > 0

@@ -20,25 +20,38 @@ def test_the_global_batch_is_the_recipes_whatever_the_workers(workers):
     r = shapes_tiny(workers)
     assert r.train.scaling.workers == workers
     assert r.train.global_batch_size(workers) == GLOBAL_BATCH
-    assert r.train.max_steps == 1500 and r.train.max_minutes == 0  # steps, never a wall clock
-    assert r.curate.model == "tiny" and r.train.model.max_seq_len == r.curate.model_config().max_seq_len
-    assert (r.curate.tokenize.pair_layout, r.curate.tokenize.packing) == ("pairs", "truncate")
+    assert r.train.max_steps == 1200 and r.train.max_minutes == 0  # steps, never a wall clock
+    for d in r.datasets:
+        assert d.curate.model == "tiny" and r.train.model.max_seq_len == d.curate.model_config().max_seq_len
+    # DreamLLM stage II: interleaved documents packed with document masking, plus pairs.
+    stories, pairs = r.dataset("stories"), r.dataset("pairs")
+    assert (stories.curate.tokenize.pair_layout, stories.curate.tokenize.packing) == ("interleaved", "pack")
+    assert (pairs.curate.tokenize.pair_layout, pairs.curate.tokenize.packing) == ("pairs", "truncate")
+    assert stories.corpus.story_fraction == 1.0 and pairs.corpus.single_image_fraction == 1.0
+    assert 0 < stories.weight < pairs.weight
+    with pytest.raises(ConfigError, match="no dataset 'mmc4'"):
+        r.dataset("mmc4")
     with pytest.raises(ConfigError, match="divide the global batch"):
         shapes_tiny(3)
 
 
 def test_recipes_are_independent_copies():
     a, b = shapes_tiny(), shapes_tiny()
-    a.curate.tokenize.packing = "pack"
+    a.dataset("pairs").curate.tokenize.packing = "pack"
     a.train.optim.lr = 1.0
-    assert b.curate.tokenize.packing == "truncate" and b.train.optim.lr == 2e-3
+    assert b.dataset("pairs").curate.tokenize.packing == "truncate" and b.train.optim.lr == 2e-3
 
 
 def test_demo_flags_apply_onto_the_recipe_one_way():
+    base = shapes_tiny()
     r = demo_recipe(workers=1, docs=100, overrides=["optim.lr=3e-3"])
-    assert (r.corpus.num_docs, r.train.optim.lr, r.train.micro_batch_size) == (100, 3e-3, GLOBAL_BATCH)
+    assert (r.train.optim.lr, r.train.micro_batch_size) == (3e-3, GLOBAL_BATCH)
+    docs = [d.corpus.num_docs for d in r.datasets]  # --docs scales the mixture's corpora in proportion
+    assert sum(docs) == 100 and docs[0] / docs[1] == pytest.approx(
+        base.datasets[0].corpus.num_docs / base.datasets[1].corpus.num_docs, rel=0.05)
     quick = demo_recipe(quick=True)
-    assert quick.train.max_steps == 20 and quick.corpus.num_docs == 24 and quick.eval.num_prompts == 12
+    assert quick.train.max_steps == 20 and sum(d.corpus.num_docs for d in quick.datasets) == 24
+    assert quick.eval.num_prompts == 12
     assert demo_recipe(train_minutes=5).train.max_minutes == 5  # an explicit cap only
     with pytest.raises(ConfigError, match="optim.lrr"):
         demo_recipe(overrides=["optim.lrr=1"])
@@ -52,11 +65,11 @@ def test_bench_lays_out_data_with_curations_code():
     from dreamcore.tokenizer import DreamTokenizer
 
     r = shapes_tiny()
-    cfg = r.train.model
+    cfg, pairs = r.train.model, r.dataset("pairs")
     docs = synthetic.make_corpus(6, seed=0, image_base_url="http://h", single_image_fraction=1.0)
     tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
                                corpus_texts=[t for d in docs for t in d["text_list"]])
-    rows = build_rows(cfg, docs, tok, r.curate.tokenize.packing, r.curate.tokenize.pair_layout)
+    rows = build_rows(cfg, docs, tok, pairs.curate.tokenize.packing, pairs.curate.tokenize.pair_layout)
     assert rows["input_ids"].shape[0] == 2 * len(docs)
     creation, comprehension = slice(0, None, 2), slice(1, None, 2)
     assert (rows["dream_slots"][creation][:, 0] >= 0).all() and (rows["image_slots"][creation][:, 0] < 0).all()

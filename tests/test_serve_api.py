@@ -240,3 +240,20 @@ def test_table_and_page():
     rows = table_html([{"a": 1}, {"a": 2, "b": "<x>"}])
     assert "<th>b</th>" in rows and "&lt;x&gt;" in rows
     assert "<title>r&amp;d</title>" in page_html("r&d", [t])
+
+
+def test_a_full_kv_cache_is_a_retryable_503_other_refusals_are_4xx():
+    """The Ingress's reading of an LLM round: cache full -> 503 + Retry-After; too long -> 413."""
+    from dreamcore.engine import TextResult
+    from pipelines.serve.api import RequestError
+    from pipelines.serve.deployments import Ingress
+
+    check = Ingress.func_or_class._checked
+    full = TextResult("", "error", 0, 0, error="the KV cache is full (2048 tokens held); retry", retry_after_s=2.6)
+    with pytest.raises(RequestError) as e:
+        check(full)
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "3"}
+    long = TextResult("", "error", 0, 0, error="input is 999 tokens", too_long=True)
+    with pytest.raises(RequestError) as e:
+        check(long)
+    assert e.value.status == 413 and not getattr(e.value, "headers", None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import sys
 import threading
 import time
@@ -24,18 +23,12 @@ from PIL import Image
 from dreamcore import client
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _serve_helpers import make_checkpoint  # noqa: E402
+from _serve_helpers import free_port, make_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 KEY = "test-key-0123456789"
 CHECKPOINT: dict[str, Path] = {}  # the served checkpoint's folder, for in-process comparisons
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +162,18 @@ def test_served_document_equals_the_in_process_one(served, tmp_path_factory):
     assert np.array_equal(np.asarray(png_image(images[0]).convert("RGB")), np.asarray(local_images[0]))
 
 
-def test_stream_yields_parts_in_order(served):
+def test_stream_yields_tokens_then_parts_in_order(served):
     events = list(client.stream(served, GEN["input"], KEY, **{k: v for k, v in GEN.items() if k != "input"},
                                 seed=2))
     names = [e for e, _ in events]
-    assert names[-1] == "done" and set(names[:-1]) == {"part"}
+    assert names[-1] == "done" and set(names[:-1]) == {"part", "delta"}
+    pending = ""  # per token: the deltas before a text part join up to it; none precede an image
+    for event, data in events[:-1]:
+        if event == "delta":
+            pending += data["text"]
+        else:
+            assert pending == (data["text"] if data["type"] == "text" else "")
+            pending = ""
     _, _, whole = post(served, "/v1/generate", {**GEN, "seed": 2})
     assert [d for e, d in events if e == "part"] == whole["parts"]
     assert events[-1][1]["usage"] == whole["usage"]
@@ -309,3 +309,74 @@ def test_overload_answers_503_with_retry_after_quickly(served):
     retry = [{k.lower(): v for k, v in r[1].items()}.get("retry-after") for r in rejected]
     assert all(v == "3" for v in retry), retry
     assert max(r[2] for r in rejected) < 5.0  # refused at once, not after queueing
+
+
+def _llm_stats(url: str) -> dict:
+    status, body = get(url, "/v1/stats")
+    assert status == 200, body
+    return json.loads(body)["llm"]["scheduler"]
+
+
+def test_a_document_keeps_its_kv_cache_across_its_images(served):
+    """Continuous batching with sessions: an image document's later rounds prefill only what is new,
+    so it costs far fewer prefilled + decoded tokens than re-prefilling the document every round
+    (what the same rounds cost stateless, counted here in-process)."""
+    import torch
+
+    from dreamcore.checkpoint import from_pretrained
+    from dreamcore.engine import TextEngine, decode_dreams
+    from dreamcore.generate import Document, GenerationParams
+
+    body = {**GEN, "seed": 2, "guidance_scale": 2.0}
+    before = _llm_stats(served)
+    status, _, doc = post(served, "/v1/generate", body)
+    assert status == 200 and doc["usage"]["images"] >= 1, doc
+    after = _llm_stats(served)
+    spent = (after["prefill_tokens"] - before["prefill_tokens"]) + (after["decode_tokens"] - before["decode_tokens"])
+    model, tok = from_pretrained(str(CHECKPOINT["path"]))
+    engine = TextEngine(model.eval(), tok)
+    params = GenerationParams(max_new_tokens=GEN["max_new_tokens"], max_images=GEN["max_images"],
+                              temperature=GEN["temperature"], top_p=GEN["top_p"], seed=2,
+                              num_inference_steps=GEN["num_inference_steps"], guidance_scale=2.0)
+    local, stateless = Document([GEN["input"]], params), 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        while not local.finished:
+            res = engine.continue_batch([local.text_request()])[0]
+            stateless += res.prompt_tokens + res.new_tokens  # the whole document prefilled again, then decoded
+            local.add_text(res)
+            if local.wants_image:
+                local.add_image(decode_dreams(model.decoder, [local.image_request()])[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert local.images == doc["usage"]["images"]
+    assert spent < 0.8 * stateless, (spent, stateless)
+    assert after["sessions"] == 0 and after["running"] == 0  # the finished document freed its cache
+
+
+def test_a_client_that_disconnects_frees_its_slot(served):
+    """Closing a stream mid-document cancels its work in the LLM replica; the next request is not delayed."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(served)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {**GEN, "max_new_tokens": 200, "max_images": 0, "stream": True, "seed": 5}
+    conn.request("POST", "/v1/generate", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.read(6) == b"event:"  # the first event has started
+    conn.sock.close()  # the client goes away after its first event
+    conn.close()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        s = _llm_stats(served)
+        if s["running"] == 0 and s["waiting"] == 0 and s["sessions"] == 0:
+            break
+        time.sleep(0.2)
+    assert (s["running"], s["waiting"], s["sessions"]) == (0, 0, 0), s
+    t = time.time()
+    status, _, doc = post(served, "/v1/generate", {**GEN, "max_images": 0, "max_new_tokens": 8, "seed": 1})
+    assert status == 200 and time.time() - t < 10, doc

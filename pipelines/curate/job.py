@@ -39,6 +39,7 @@ from dreamcore.schema import (
     SCHEMA_VERSION,
 )
 from dreamcore.tokenizer import DreamTokenizer
+from pipelines.ray_env import ray_init
 
 from . import manifest as mf
 from .config import CurateConfig
@@ -147,14 +148,6 @@ def accounting_udf(batch: pa.Table) -> pa.Table:
 
 # ----------------------------------------------------------------------------------------------
 # Driver
-
-
-def _ray_init(address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
-           if k in os.environ}
-    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
 
 
 @contextlib.contextmanager
@@ -266,7 +259,7 @@ def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = 
     if not pending:
         mf.save(out, manifest)
         return manifest
-    _ray_init(address)
+    ray_init(address)
     with _data_context(cfg):
         for start in range(0, len(pending), cfg.shards_per_commit):
             _run_group(pending[start:start + cfg.shards_per_commit], out, cfg, manifest)

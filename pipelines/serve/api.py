@@ -120,8 +120,12 @@ class ImagesResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object (`client.models.list()` reads it) plus the checkpoint's `config`."""
+
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the checkpoint was written")
+    owned_by: str = "dreamcore"
     config: dict[str, Any]
 
 

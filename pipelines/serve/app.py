@@ -63,7 +63,8 @@ def app_from_config(cfg: ServeConfig) -> Application:
     cfg = merge(cfg, {"checkpoint": ckpt})
     r = cfg.retry_after_s
     llm = LLMServer.options(**deployment_options("LLMServer", cfg.llm, r)).bind(
-        ckpt, cfg.device, cfg.llm.max_batch_size, cfg.llm.batch_wait_timeout_s)
+        ckpt, cfg.device, cfg.llm.max_batch_size, cfg.llm.batch_wait_timeout_s, cfg.llm.max_cache_tokens,
+        cfg.llm.session_ttl_s, r)
     decoder = ImageDecoder.options(**deployment_options("ImageDecoder", cfg.decoder, r)).bind(
         ckpt, cfg.device, cfg.decoder.max_batch_size, cfg.decoder.batch_wait_timeout_s)
     return Ingress.options(**deployment_options("Ingress", cfg.ingress, r)).bind(llm, decoder, to_dict(cfg))

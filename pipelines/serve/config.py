@@ -42,6 +42,16 @@ class DeploymentSettings:
 
 
 @dataclass
+class LLMSettings(DeploymentSettings):
+    """The LLM deployment: its batching is continuous (dreamcore/scheduler.py), with a KV cache bound."""
+
+    # Tokens of KV cache a replica may hold (running rounds at their worst case + parked sessions);
+    # a round that does not fit is refused with 503 + Retry-After. 0: 2 x max_batch_size x context.
+    max_cache_tokens: int = 0
+    session_ttl_s: float = 600.0  # a document's cache is dropped after this long without a round
+
+
+@dataclass
 class LimitsConfig:
     """What one request may ask for; anything beyond gets a 4xx naming the field."""
 
@@ -76,9 +86,9 @@ class AuthConfig:
     api_key_env: str = "DREAMCORE_API_KEY"  # or an environment variable of the ingress replica
 
 
-def _llm_defaults() -> DeploymentSettings:
+def _llm_defaults() -> LLMSettings:
     # Text is cheap per token and batched: one replica carries many concurrent documents.
-    return DeploymentSettings(
+    return LLMSettings(
         autoscaling=AutoscalingSettings(
             min_replicas=1, max_replicas=2, target_ongoing_requests=8, upscale_delay_s=10,
             downscale_delay_s=120, look_back_period_s=10, metrics_interval_s=2,
@@ -125,7 +135,7 @@ class ServeConfig:
     request_timeout_s: float = 300.0  # end to end, per HTTP request (Serve answers 408 after)
     call_timeout_s: float = 120.0  # one LLM or decoder call from the ingress (504 after)
     retry_after_s: float = 2.0  # Retry-After of 503 answers under overload
-    llm: DeploymentSettings = field(default_factory=_llm_defaults)
+    llm: LLMSettings = field(default_factory=_llm_defaults)
     decoder: DeploymentSettings = field(default_factory=_decoder_defaults)
     ingress: DeploymentSettings = field(default_factory=_ingress_defaults)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -135,6 +145,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
+        if self.llm.max_cache_tokens < 0 or self.llm.session_ttl_s <= 0:
+            raise ConfigError(f"llm.max_cache_tokens={self.llm.max_cache_tokens} must be >= 0 (0: automatic) and "
+                              f"llm.session_ttl_s={self.llm.session_ttl_s} > 0")
         for name in ("llm", "decoder", "ingress"):
             a = getattr(self, name).autoscaling
             if not 0 <= a.min_replicas <= a.max_replicas or a.max_replicas < 1:

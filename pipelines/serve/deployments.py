@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamcore.engine import DreamConditions, TextRequest, TextResult
 from dreamcore.generate import Document, GenerationParams, dream_requests
@@ -47,6 +49,24 @@ from pipelines.serve.api import (
     validation_error_body,
 )
 from pipelines.serve.config import ServeConfig
+from pipelines.serve.openai_api import (
+    SSE_DONE,
+    ChatCompletion,
+    ChatCompletionBuilder,
+    ChatCompletionRequest,
+    ChatPlan,
+    ImageGenerationRequest,
+    ImagesResponseOut,
+    check_chat,
+    check_image_generation,
+    error_body,
+    from_request_error,
+    images_response,
+    is_openai_path,
+    sse,
+    usage,
+    validation_error,
+)
 from pipelines.serve.replicas import DecodedImage, ImageReplica, TextReplica
 
 log = logging.getLogger("ray.serve")
@@ -58,22 +78,60 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment
 class LLMServer:
-    """DreamLLM without the decoder: continues documents, returns dream conditions at <dream_start>."""
+    """DreamLLM without the decoder: continues documents, returns dream conditions at <dream_start>.
+
+    Continuous batching (dreamcore/scheduler.py): a scheduler thread admits rounds at every decode
+    step, and a round sent with a `session_id` keeps its document's KV cache for the next round
+    (after the image), so only the new part is prefilled. Without a session id a call is stateless.
+    `batch_wait_timeout_s` is accepted for the builder's signature and unused: a round joins the
+    running batch at the next decode step instead of waiting for a batch to fill.
+    """
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01) -> None:
-        self.replica = TextReplica(checkpoint, device)
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []  # recent batch sizes: lets tests and benches see batching
+                 batch_wait_timeout_s: float = 0.01, max_cache_tokens: int = 0,
+                 session_ttl_s: float = 600.0, retry_after_s: float = 2.0) -> None:
+        self.replica = TextReplica(checkpoint, device, max_batch_size, max_cache_tokens, session_ttl_s,
+                                   retry_after_s)
+        self.scheduler = self.replica.scheduler
+        self.scheduler.start()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, requests: list[TextRequest]) -> list[TextResult]:
-        self.batch_sizes = [*self.batch_sizes[-99:], len(requests)]
-        return await asyncio.to_thread(self.replica.engine.continue_batch, requests)
+    async def generate(self, request: TextRequest, session_id: str | None = None) -> TextResult:
+        """One text round -> its TextResult; a capacity refusal has `retry_after_s` set (answer 503)."""
+        ticket = await asyncio.to_thread(self.replica.submit, request, session_id, False,
+                                         asyncio.get_running_loop())
+        try:
+            return await ticket.wait()
+        except asyncio.CancelledError:  # the caller went away: free the slot and the cache now
+            self.scheduler.cancel_ticket(ticket)
+            raise
+
+    async def generate_stream(self, request: TextRequest, session_id: str | None = None) -> AsyncIterator[Any]:
+        """One text round as it is decoded: a TokenEvent per sampled token, then the TextResult.
+
+        Call with `handle.options(stream=True).generate_stream.remote(...)`.
+        """
+        ticket = await asyncio.to_thread(self.replica.submit, request, session_id, True,
+                                         asyncio.get_running_loop())
+        try:
+            async for item in ticket:
+                yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            self.scheduler.cancel_ticket(ticket)
+            raise
+
+    async def cancel(self, session_id: str) -> bool:
+        """End a document's session: its round in flight stops and its cache is freed (False: unknown)."""
+        return await asyncio.to_thread(self.scheduler.cancel, session_id)
+
+    def check_health(self) -> None:
+        if not self.scheduler.alive:
+            raise RuntimeError("the LLM scheduler thread has stopped")
 
     def info(self) -> dict[str, Any]:
-        return {**self.replica.info(), "pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
+        return {**self.replica.info(), "pid": os.getpid(), "batch_sizes": list(self.scheduler.batch_sizes)}
+
+    def __del__(self) -> None:
+        self.scheduler.stop()
 
 
 @serve.deployment
@@ -107,13 +165,28 @@ app = FastAPI(
 
 
 @app.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if is_openai_path(request.url.path):  # OpenAI's body and status (400) on the OpenAI routes
+        return JSONResponse(validation_error(list(exc.errors())), status_code=400)
     return JSONResponse(validation_error_body(list(exc.errors())), status_code=422)
 
 
 @app.exception_handler(RequestError)
-async def _refused(_: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=getattr(exc, "headers", None))
+async def _refused(request: Request, exc: RequestError) -> JSONResponse:
+    headers = getattr(exc, "headers", None)
+    if is_openai_path(request.url.path):
+        status, body = from_request_error(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own refusals (an unparsable body, a wrong method) in OpenAI's shape on its routes."""
+    if is_openai_path(request.url.path):
+        return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code,
+                            headers=exc.headers)
+    return await http_exception_handler(request, exc)
 
 
 class _Unavailable(RequestError):
@@ -166,6 +239,10 @@ class Ingress:
         self.decoder = decoder
         self.api_key = read_api_key(self.cfg.auth.api_key_file, self.cfg.auth.api_key_env)
         self._model: dict[str, Any] | None = None
+        # OpenAI's model `created`: when the checkpoint was written (this replica's start if its
+        # folder is on another node).
+        card = Path(self.cfg.checkpoint, "config.json")
+        self.created = int(card.stat().st_mtime if card.is_file() else time.time())
         if self.api_key:
             log.info("dreamcore ingress: Bearer key required on /v1/*")
         else:
@@ -224,7 +301,9 @@ class Ingress:
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         info = await self._model_info()
-        return {"object": "list", "data": [{"id": info["id"], "object": "model", "config": info["config"]}]}
+        card = {"id": info["id"], "object": "model", "created": self.created, "owned_by": "dreamcore",
+                "config": info["config"]}  # OpenAI's model object; `config` is dreamcore's
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={200: {"content": {"text/event-stream": {}}}})
@@ -243,7 +322,7 @@ class Ingress:
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
         out: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
-        async for kind, data in self._document(parts, params):
+        async for kind, data in self._document(Document(parts, params)):
             if kind == "part":
                 out.append(data)
             else:
@@ -253,32 +332,71 @@ class Ingress:
     async def _stream(self, rid: str, model: str, parts: list[str | bytes], params: GenerationParams
                       ) -> AsyncIterator[bytes]:
         try:
-            async for kind, data in self._document(parts, params):
+            async for kind, data in self._document(Document(parts, params), stream=True):
                 yield _sse(kind, {"id": rid, "model": model, **data} if kind == "done" else data)
         except RequestError as e:  # headers are already sent: report in-band, then end the stream
             yield _sse("error", {"status": e.status, "message": str(e)})
 
-    async def _text(self, request: TextRequest) -> TextResult:
-        res: TextResult = await self._call(self.llm.generate.remote(request))
+    @staticmethod
+    def _checked(res: TextResult) -> TextResult:
         if res.error is not None:
+            if res.retry_after_s:  # the LLM replica's KV cache is full: a retryable refusal
+                raise _Unavailable(res.error, res.retry_after_s)
             raise RequestError("input", res.error, 413 if res.too_long else 422)
         return res
 
-    async def _document(self, prompt: list[str | bytes], params: GenerationParams
-                        ) -> AsyncIterator[tuple[str, dict]]:
-        """dreamcore.generate.Document driven over the two deployments (as generate_document in-process)."""
-        doc = Document(prompt, params)
-        while not doc.finished:
-            text = doc.add_text(await self._text(doc.text_request()))
-            if text:
-                yield "part", {"type": "text", "text": text}
-            if doc.wants_image:
-                img: DecodedImage = await self._call(self.decoder.decode.remote(doc.image_request()))
-                doc.add_image(img.png)
-                yield "part", _image_part(img)
-        yield "done", {"finish_reason": doc.finish_reason,
-                       "usage": {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens,
-                                 "images": doc.images}}
+    async def _text(self, request: TextRequest, session: str | None = None) -> TextResult:
+        return self._checked(await self._call(self.llm.generate.remote(request, session)))
+
+    async def _round(self, request: TextRequest, session: str, stream: bool) -> AsyncIterator[str | TextResult]:
+        """One text round of a document: with `stream`, each sampled token's text as it is decoded;
+        then the checked TextResult (whose text is those pieces joined)."""
+        if not stream:
+            yield await self._text(request, session)
+            return
+        tokens = self.llm.options(stream=True).generate_stream.remote(request, session).__aiter__()
+        while True:
+            try:  # each token under the per-call timeout, overload and replica failures mapped as _call does
+                item = await self._call(asyncio.ensure_future(tokens.__anext__()))
+            except StopAsyncIteration:
+                raise _Unavailable("the model ended a round without its result; retry", self.cfg.retry_after_s) from None
+            if isinstance(item, TextResult):
+                yield self._checked(item)
+                return
+            if item.text:
+                yield item.text
+
+    async def _document(self, doc: Document, stream: bool = False) -> AsyncIterator[tuple[str, dict]]:
+        """dreamcore.generate.Document driven over the two deployments (as generate_document in-process).
+
+        Yields ("delta", {"text"}) per token when `stream`, ("part", part) per text chunk and image,
+        then ("done", summary). The document's rounds share one LLM session, so the replica keeps its
+        KV cache across the images (only the new image block is prefilled); when the document ends,
+        fails or its client goes away (the generator is closed), the session is cancelled: its
+        round in flight stops and its cache is freed at once. The caller owns `doc`, so it can read
+        the token counts when it stops early (a `stop` sequence).
+        """
+        session = f"doc-{uuid.uuid4().hex}"
+        try:
+            while not doc.finished:
+                res: TextResult | None = None
+                async for item in self._round(doc.text_request(), session, stream):
+                    if isinstance(item, str):
+                        yield "delta", {"text": item}
+                    else:
+                        res = item
+                text = doc.add_text(res)
+                if text:
+                    yield "part", {"type": "text", "text": text}
+                if doc.wants_image:
+                    img: DecodedImage = await self._call(self.decoder.decode.remote(doc.image_request()))
+                    doc.add_image(img.png)
+                    yield "part", _image_part(img)
+            yield "done", {"finish_reason": doc.finish_reason,
+                           "usage": {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens,
+                                     "images": doc.images}}
+        finally:  # finished documents free themselves unless the last round was a dream: free it now
+            self.llm.cancel.remote(session)
 
     @app.post("/v1/images", response_model=ImagesResponse)
     async def images(self, body: ImagesRequest, request: Request) -> dict[str, Any]:
@@ -287,14 +405,103 @@ class Ingress:
         info = await self._model_info()
         prompt, n, sp = check_images(body, self.cfg.limits, self.cfg.defaults, info["num_inference_steps"],
                                      info["guidance_scale"], seed=secrets.randbelow(2**31))
+        decoded = await self._draw(prompt, n, sp)
+        return {"id": f"img-{uuid.uuid4().hex[:16]}", "model": info["id"],
+                "images": [_image_part(d) for d in decoded]}
+
+    async def _draw(self, prompt: str, n: int, sp: dict[str, Any]) -> list[DecodedImage]:
+        """Text to image (/v1/images and /v1/images/generations): one dream, decoded with seeds seed + i."""
         res = await self._text(dream_requests([prompt], sp["seed"])[0])
         # The n images go out together so the decoder batches them into shared UNet calls.
         calls = [self.decoder.decode.remote(DreamConditions(
             res.cond, res.uncond, sp["seed"] + i, sp["num_inference_steps"], sp["guidance_scale"]))
             for i in range(n)]
-        decoded: list[DecodedImage] = [await self._call(c) for c in calls]
-        return {"id": f"img-{uuid.uuid4().hex[:16]}", "model": info["id"],
-                "images": [_image_part(d) for d in decoded]}
+        return [await self._call(c) for c in calls]
+
+    # -- OpenAI-compatible routes (pipelines/serve/openai_api.py, docs/serving.md) ---------------
+
+    @app.post("/v1/images/generations", response_model=ImagesResponseOut)
+    async def image_generations(self, body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+        """OpenAI's image generation: the /v1/images path, answered as base64 PNGs (`b64_json`)."""
+        self._authorize(request)
+        info = await self._model_info()
+        side = int(info["config"]["decoder"]["resolution"])
+        prompt, n, sp = check_image_generation(
+            body, info["id"], side, self.cfg.limits, self.cfg.defaults, info["num_inference_steps"],
+            info["guidance_scale"], seed=secrets.randbelow(2**31),
+        )
+        try:
+            decoded = await self._draw(prompt, n, sp)
+        except RequestError as e:
+            if e.field != "input":
+                raise
+            raise RequestError("prompt", e.message, e.status) from None
+        return images_response(int(time.time()), [base64.b64encode(d.png).decode() for d in decoded],
+                               f"{side}x{side}")
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        """OpenAI's chat completions: the messages are the document prompt; the answer interleaves
+        text and `image_url` parts (streamed as `chat.completion.chunk` events when `stream`)."""
+        self._authorize(request)
+        info = await self._model_info()
+        plan = check_chat(body, info["id"], self.cfg.limits, self.cfg.defaults, info["num_inference_steps"],
+                          info["guidance_scale"], seed=secrets.randbelow(2**31))
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        chat = ChatCompletionBuilder(rid, int(time.time()), info["id"], plan.stop)
+        doc = Document(plan.prompt, plan.params)
+        if body.stream:
+            return StreamingResponse(self._chat_stream(chat, doc, plan), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        try:
+            async for _ in self._chat_deltas(chat, doc, stream=False):
+                pass
+        except RequestError as e:
+            raise plan.rename(e) from None
+        return chat.completion(doc.finish_reason, usage(doc.prompt_tokens, doc.completion_tokens))
+
+    async def _chat_deltas(self, chat: ChatCompletionBuilder, doc: Document, stream: bool = True
+                           ) -> AsyncIterator[dict[str, Any]]:
+        """The answer's deltas as `_document` makes them (per token when `stream`, else per part);
+        it stops at a stop sequence."""
+        parts = self._document(doc, stream=stream)
+        try:
+            async for kind, data in parts:
+                if kind == "delta":
+                    deltas = [chat.add_text(data["text"])]
+                elif kind != "part":
+                    continue
+                elif data["type"] == "text":
+                    deltas = [] if stream else [chat.add_text(data["text"])]  # streamed: its tokens came as deltas
+                else:
+                    deltas = chat.add_image(data["image"])
+                for delta in deltas:
+                    if delta:
+                        yield delta
+                if chat.stopped:
+                    break  # no more text or images: the rest of the document is not generated
+        finally:
+            await parts.aclose()
+        tail = chat.finish()
+        if tail:
+            yield tail
+
+    async def _chat_stream(self, chat: ChatCompletionBuilder, doc: Document, plan: ChatPlan
+                           ) -> AsyncIterator[bytes]:
+        try:
+            yield sse(chat.chunk({"role": "assistant", "content": ""}))
+            async for delta in self._chat_deltas(chat, doc):
+                yield sse(chat.chunk(delta))
+            yield sse(chat.chunk({}, chat.finish_reason(doc.finish_reason)))
+            if plan.include_usage:
+                yield sse(chat.usage_chunk(usage(doc.prompt_tokens, doc.completion_tokens)))
+        except RequestError as e:  # headers are already sent: the error goes in-band, as OpenAI's do
+            yield sse(from_request_error(plan.rename(e))[1])
+        except Exception:  # never a traceback to the client; the log has it
+            log.exception("chat stream %s failed", chat.rid)
+            yield sse(error_body(f"the server failed while generating (request {chat.rid}); retry", 500))
+        yield SSE_DONE
 
     @app.get("/v1/stats", include_in_schema=False)
     async def stats(self, request: Request) -> dict[str, Any]:

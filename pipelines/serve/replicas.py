@@ -1,14 +1,16 @@
 """What the two model replicas hold: a checkpoint half loaded on a device, and PNG encoding.
 
-The model work is dreamcore's one engine (`dreamcore.engine.TextEngine` and `decode_dreams`); this
-module adds only what serving needs around it: loading just the components a replica uses, the
-model card the API reports, and images as PNG files (they travel to the LLM replica and the
-client as file bytes). Plain Python + torch, no Ray: benchmarks call these in-process as the
+The model work is dreamcore's one engine (`dreamcore.engine.TextEngine` and `decode_dreams`; the
+text side is driven by `dreamcore.scheduler.Scheduler`, continuous batching); this module adds
+only what serving needs around it: loading just the components a replica uses, the model card
+the API reports, and images as PNG files (they travel to the LLM replica and the client as file
+bytes). Plain Python + torch, no Ray: benchmarks call these in-process as the
 baseline of the Serve path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from dataclasses import dataclass
@@ -19,7 +21,8 @@ import torch
 from PIL import Image
 
 from dreamcore.checkpoint import from_pretrained
-from dreamcore.engine import DreamConditions, TextEngine, decode_dreams
+from dreamcore.engine import DreamConditions, TextEngine, TextRequest, TextResult, decode_dreams
+from dreamcore.scheduler import CacheFullError, Scheduler, Ticket
 
 LLM_COMPONENTS = ("llm", "vision", "projectors")
 DECODER_COMPONENTS = ("decoder",)
@@ -51,16 +54,42 @@ def model_card(checkpoint: str) -> dict[str, Any]:
 
 
 class TextReplica:
-    """The LLM side of a checkpoint (no decoder weights) behind the engine."""
+    """The LLM side of a checkpoint (no decoder weights) behind the engine and its scheduler.
 
-    def __init__(self, checkpoint: str, device: str = "auto") -> None:
+    The scheduler (dreamcore/scheduler.py) is created stopped: `LLMServer` starts its thread,
+    benchmarks and tests may drive `scheduler.step()` themselves or call `engine` directly.
+    """
+
+    def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
+                 max_cache_tokens: int = 0, session_ttl_s: float = 600.0, retry_after_s: float = 1.0) -> None:
         self.device = pick_device(device)
         self.card = model_card(checkpoint)
         model, tokenizer = from_pretrained(checkpoint, components=LLM_COMPONENTS)
         self.engine = TextEngine(model.to(self.device).eval(), tokenizer)
+        self.scheduler = Scheduler(self.engine, max_batch_size, max_cache_tokens or None, session_ttl_s,
+                                   retry_after_s)
+
+    def submit(self, request: TextRequest, session_id: str | None = None, stream: bool = False,
+               loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+        """Queue one round; a full cache answers with a finished ticket whose result says so.
+
+        The refusal is a TextResult (error + retry_after_s), like every other per-request error, so
+        it crosses Ray as plain data and the ingress maps it to 503 + Retry-After.
+        """
+        try:
+            return self.scheduler.submit(request, session_id, stream, loop)
+        except CacheFullError as e:
+            ticket = Ticket(session_id, stream, loop)
+            ticket._put(TextResult("", "error", 0, 0, error=str(e), retry_after_s=e.retry_after_s))
+            return ticket
 
     def info(self) -> dict[str, Any]:
-        return {**self.card, "device": str(self.device), "max_len": self.engine.max_len}
+        s = self.scheduler
+        return {**self.card, "device": str(self.device), "max_len": self.engine.max_len,
+                "scheduler": {"max_batch_size": s.max_batch_size, "max_cache_tokens": s.max_cache_tokens,
+                              "reserved_tokens": s.reserved_tokens, "running": s.running, "waiting": s.waiting,
+                              "sessions": s.sessions, "prefill_tokens": s.prefill_tokens,
+                              "decode_tokens": s.decode_tokens}}
 
 
 class ImageReplica:
