@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight", action="append", default=[], metavar="DATASET=W",
                    help="share of one dataset (recipe: " + ", ".join(f"{d.name}={d.weight:g}" for d in base.datasets)
                    + "); 0 leaves it out")
+    p.add_argument("--guidance", type=float, help="guidance scale at evaluation (default: the model's decoder.guidance_scale)")
     p.add_argument("--creation-lr-mult", type=float, default=1.0, help="lr multiplier: dream_queries, cond_proj")
     p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
     p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")

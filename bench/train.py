@@ -186,7 +186,7 @@ def recipe_step(steps: int, warmup: int, threads: int) -> None:
     # Where the recipe's forward goes, by component (forward hooks; backward costs about 2x each).
     model = DreamLLM(cfg, tok).train()
     spent: dict[str, float] = {}
-    for name, module in (("LLM", model.llm), ("vision encoder", model.vision), ("UNet", model.decoder.unet)):
+    for name, module in (("LLM", model.llm.model), ("vision encoder", model.vision), ("UNet", model.decoder.unet)):
         module.register_forward_pre_hook(lambda m, a, n=name: spent.__setitem__(n + "@", time.perf_counter()))
         module.register_forward_hook(lambda m, a, o, n=name: spent.__setitem__(
             n, spent.get(n, 0.0) + time.perf_counter() - spent[n + "@"]))

@@ -65,6 +65,9 @@ def _step(n: int, title: str) -> float:
     return time.perf_counter()
 
 
+QUICK_DOCS = 60
+
+
 def demo_recipe(workers: int | None = None, docs: int | None = None, quick: bool = False,
                 train_minutes: float = 0.0, overrides: list[str] | None = None) -> Recipe:
     """`pipelines.recipe.shapes_tiny` with the demo's flags applied (the one place they apply).
@@ -76,8 +79,8 @@ def demo_recipe(workers: int | None = None, docs: int | None = None, quick: bool
     cores = _cores()
     recipe = shapes_tiny(workers or min(2, cores))
     total = sum(d.corpus.num_docs for d in recipe.datasets)
-    if quick:  # 24 documents: fewer rows than one recipe batch
-        docs = min(docs or total, 24)
+    if quick:  # 60 documents: a few packed rows of each dataset per worker
+        docs = min(docs or total, QUICK_DOCS)
     if docs:
         recipe.datasets = [dataclasses.replace(d, corpus=dataclasses.replace(
             d.corpus, num_docs=max(1, round(docs * d.corpus.num_docs / total)))) for d in recipe.datasets]
@@ -87,7 +90,7 @@ def demo_recipe(workers: int | None = None, docs: int | None = None, quick: bool
     train.scaling.torch_threads = max(1, cores // train.scaling.workers)
     train.max_minutes = train_minutes
     if quick:
-        train.max_steps, train.micro_batch_size, train.log_every = 20, 8, 5
+        train.max_steps, train.micro_batch_size, train.log_every = 20, 2, 5
         train.checkpoint.every_steps = 10
     evals = (dataclasses.replace(recipe.eval, num_prompts=12, num_images=12, num_stories=2, num_free_stories=2)
              if quick else recipe.eval)

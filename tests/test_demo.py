@@ -14,7 +14,7 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(ray_session, tmp_path
 
     recipe = demo_recipe(quick=True)
     assert recipe.train.max_steps == 20 and recipe.train.max_minutes == 0
-    assert sum(d.corpus.num_docs for d in recipe.datasets) == 24 and len(recipe.datasets) == 2
+    assert sum(d.corpus.num_docs for d in recipe.datasets) == 60 and len(recipe.datasets) == 2
     report = run_demo(tmp_path / "demo", recipe, seed=0, prompts=DEMO_PROMPTS[:2])
 
     html = report.read_text()

@@ -26,7 +26,7 @@ def test_the_global_batch_is_the_recipes_whatever_the_workers(workers):
     # DreamLLM stage II: interleaved documents packed with document masking, plus pairs.
     stories, pairs = r.dataset("stories"), r.dataset("pairs")
     assert (stories.curate.tokenize.pair_layout, stories.curate.tokenize.packing) == ("interleaved", "pack")
-    assert (pairs.curate.tokenize.pair_layout, pairs.curate.tokenize.packing) == ("pairs", "truncate")
+    assert (pairs.curate.tokenize.pair_layout, pairs.curate.tokenize.packing) == ("pairs", "pack")
     assert stories.corpus.story_fraction == 1.0 and pairs.corpus.single_image_fraction == 1.0
     assert 0 < stories.weight < pairs.weight
     with pytest.raises(ConfigError, match="no dataset 'mmc4'"):
@@ -37,9 +37,9 @@ def test_the_global_batch_is_the_recipes_whatever_the_workers(workers):
 
 def test_recipes_are_independent_copies():
     a, b = shapes_tiny(), shapes_tiny()
-    a.dataset("pairs").curate.tokenize.packing = "pack"
+    a.dataset("pairs").curate.tokenize.packing = "truncate"
     a.train.optim.lr = 1.0
-    assert b.dataset("pairs").curate.tokenize.packing == "truncate" and b.train.optim.lr == 2e-3
+    assert b.dataset("pairs").curate.tokenize.packing == "pack" and b.train.optim.lr == 2e-3
 
 
 def test_demo_flags_apply_onto_the_recipe_one_way():
@@ -50,7 +50,7 @@ def test_demo_flags_apply_onto_the_recipe_one_way():
     assert sum(docs) == 100 and docs[0] / docs[1] == pytest.approx(
         base.datasets[0].corpus.num_docs / base.datasets[1].corpus.num_docs, rel=0.05)
     quick = demo_recipe(quick=True)
-    assert quick.train.max_steps == 20 and sum(d.corpus.num_docs for d in quick.datasets) == 24
+    assert quick.train.max_steps == 20 and sum(d.corpus.num_docs for d in quick.datasets) == 60
     assert quick.eval.num_prompts == 12
     assert demo_recipe(train_minutes=5).train.max_minutes == 5  # an explicit cap only
     with pytest.raises(ConfigError, match="optim.lrr"):
@@ -69,8 +69,12 @@ def test_bench_lays_out_data_with_curations_code():
     docs = synthetic.make_corpus(6, seed=0, image_base_url="http://h", single_image_fraction=1.0)
     tok = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
                                corpus_texts=[t for d in docs for t in d["text_list"]])
-    rows = build_rows(cfg, docs, tok, pairs.curate.tokenize.packing, pairs.curate.tokenize.pair_layout)
-    assert rows["input_ids"].shape[0] == 2 * len(docs)
+    # One sequence a row (curation's truncate layout) shows each sequence; the recipe packs them.
+    rows = build_rows(cfg, docs, tok, "truncate", pairs.curate.tokenize.pair_layout)
+    packed = build_rows(cfg, docs, tok, pairs.curate.tokenize.packing, pairs.curate.tokenize.pair_layout)
+    assert packed["input_ids"].shape[0] < rows["input_ids"].shape[0] == 2 * len(docs)
+    for key in ("dream_slots", "image_slots"):  # the same blocks, fewer rows
+        assert (packed[key] >= 0).sum() == (rows[key] >= 0).sum() == len(docs)
     creation, comprehension = slice(0, None, 2), slice(1, None, 2)
     assert (rows["dream_slots"][creation][:, 0] >= 0).all() and (rows["image_slots"][creation][:, 0] < 0).all()
     assert (rows["image_slots"][comprehension][:, 0] >= 0).all() and (rows["dream_slots"][comprehension][:, 0] < 0).all()
