@@ -8,7 +8,7 @@ AdamW with the recipe's warmup + cosine for its number of steps, then `dreamcore
 Every figure is printed beside its chance level (the named baseline), plus steps/s so a run on a
 busy machine can be converted to the quiet-machine budget.
 
-    .venv/bin/python bench/quality.py                       # the recipe (1500 steps)
+    .venv/bin/python bench/quality.py                       # the recipe (1200 steps)
     .venv/bin/python bench/quality.py --steps 300 --set model.decoder.resolution=32 --lr 2e-3
     .venv/bin/python bench/quality.py --weight stories=0      # pairs only (stage II without documents)
     .venv/bin/python bench/quality.py --speed-only          # steps/s of the recipe, no training run

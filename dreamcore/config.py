@@ -166,6 +166,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r} is not a stage; choose one of {', '.join(STAGES)}")
+        if self.loss.vm_max_images < 0:
+            raise ConfigError(f"loss.vm_max_images={self.loss.vm_max_images}; give 0 (every dream image) or a "
+                              "positive count")
 
     @property
     def image_block_len(self) -> int:

@@ -97,3 +97,25 @@ CURATE_ENCODED_SCHEMA = pa.schema(
     ],
     metadata={"dreamcore.schema_version": SCHEMA_VERSION, "dreamcore.kind": "curate_encoded"},
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline batch generation (pipelines/generate): the documents it writes, and the rows between rounds
+
+GENERATED_SCHEMA_VERSION = 1
+GENERATED_PART = pa.struct([("type", pa.string()), ("text", pa.string()), ("image", pa.binary()), ("seed", pa.int64())])
+GENERATED_DOCUMENT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("line", pa.int64()),  # 1-based line of the input file
+    ("prompt", pa.list_(GENERATED_PART)),  # the prompt's text and image parts, in order
+    ("parts", pa.list_(GENERATED_PART)),  # generated text chunks and PNG images, in order (image seed per image)
+    ("finish_reason", pa.string()),  # "eos" | "length"
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("images", pa.int64()),
+    ("seed", pa.int64()),
+    ("params", pa.string()),  # the GenerationParams as JSON: rerun one line with generate_document
+])
+# Rows between the rounds: the Document in flight, and why it stopped when the engine refused it.
+GENERATION_STATE_SCHEMA = pa.schema([("id", pa.string()), ("line", pa.int64()), ("state", pa.binary()),
+                          ("reason", pa.string()), ("error", pa.string())])

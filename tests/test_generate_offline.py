@@ -28,10 +28,10 @@ from PIL import Image
 from dreamcore.cli import build_parser
 from dreamcore.config import ConfigError
 from dreamcore.generate import GenerationParams
+from dreamcore.schema import GENERATED_DOCUMENT_SCHEMA
 from pipelines.generate import job
 from pipelines.generate.config import GenerateConfig, PoolConfig
 from pipelines.generate.job import (
-    DOCUMENT_SCHEMA,
     Dropped,
     GenerateError,
     Prompt,
@@ -260,7 +260,7 @@ def test_a_killed_run_resumes_and_every_document_equals_in_process(ray_session, 
     assert manifest["dropped_by_reason"] == {"duplicate_id": 1, "invalid_json": 1, "invalid_request": 1,
                                              "prompt_too_long": 1}
     table = pq.read_table(out / job.DOCS)
-    assert table.schema.equals(DOCUMENT_SCHEMA)
+    assert table.schema.equals(GENERATED_DOCUMENT_SCHEMA)
     rows = table.to_pylist()
     assert sorted(r["id"] for r in rows) == sorted([f"doc{i}" for i in range(6)] + ["img"])  # each id once
     assert sum(f["documents"] for f in manifest["files"]) == 7

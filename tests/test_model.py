@@ -215,3 +215,8 @@ def test_vm_max_images_trains_the_decoder_on_a_uniform_subset_with_its_own_condi
     assert len(picked) >= 2  # drawn at random, not always the first
     out["loss"].backward()
     assert model.dream_queries.grad.abs().sum() > 0
+
+
+def test_a_negative_vm_max_images_is_a_config_error():
+    with pytest.raises(ConfigError, match="loss.vm_max_images=-1"):
+        debug_config(loss={"vm_max_images": -1})

@@ -48,13 +48,13 @@ from pydantic import ValidationError
 from dreamcore.config import ConfigError, to_dict
 from dreamcore.engine import TextEngine
 from dreamcore.generate import Document, GenerationParams, image_seed
+from dreamcore.schema import GENERATED_DOCUMENT_SCHEMA, GENERATED_SCHEMA_VERSION, GENERATION_STATE_SCHEMA
 from pipelines.ray_env import ray_init
 from pipelines.serve.api import GenerateRequest, RequestError, check_generate, validation_error_body
 from pipelines.serve.replicas import ImageReplica, TextReplica, model_card
 
 from .config import GenerateConfig
 
-SCHEMA_VERSION = 1
 DOCS = "documents"
 MANIFEST = "manifest.json"
 # Per-line generation settings a line may carry (the /v1/generate fields besides `input`, `stream`).
@@ -66,24 +66,6 @@ MAX_ID_CHARS = 256
 ENGINE_REASONS = ("prompt_too_long", "bad_input")
 # Settings that change what a document is: a rerun into the same folder must keep them.
 PINNED = ("checkpoint", "checkpoint_config_sha256", "seed", "defaults")
-
-PART = pa.struct([("type", pa.string()), ("text", pa.string()), ("image", pa.binary()), ("seed", pa.int64())])
-DOCUMENT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("line", pa.int64()),  # 1-based line of the input file
-    ("prompt", pa.list_(PART)),  # the prompt's text and image parts, in order
-    ("parts", pa.list_(PART)),  # generated text chunks and PNG images, in order (image seed per image)
-    ("finish_reason", pa.string()),  # "eos" | "length"
-    ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()),
-    ("images", pa.int64()),
-    ("seed", pa.int64()),
-    ("params", pa.string()),  # the GenerationParams as JSON: rerun one line with generate_document
-])
-# Rows between the rounds: the Document in flight, and why it stopped when the engine refused it.
-STATE_SCHEMA = pa.schema([("id", pa.string()), ("line", pa.int64()), ("state", pa.binary()),
-                          ("reason", pa.string()), ("error", pa.string())])
-
 
 class GenerateError(ValueError):
     """The job cannot start or continue; the message names the input and the fix."""
@@ -242,7 +224,7 @@ def encode_rows(rows: list[DocRow]) -> pa.Table:
     cols = {"id": [r.id for r in rows], "line": [r.line for r in rows],
             "state": [pickle.dumps(r.doc, protocol=pickle.HIGHEST_PROTOCOL) for r in rows],
             "reason": [r.reason for r in rows], "error": [r.error for r in rows]}
-    return pa.table(cols, schema=STATE_SCHEMA)
+    return pa.table(cols, schema=GENERATION_STATE_SCHEMA)
 
 
 def decode_rows(batch: pa.Table) -> list[DocRow]:
@@ -310,7 +292,7 @@ def _part(kind: str, value: str | bytes, seed: int | None = None) -> dict[str, A
 
 
 def document_record(row: DocRow) -> dict[str, Any]:
-    """A finished document as one DOCUMENT_SCHEMA row (images as the PNG bytes the decoder made)."""
+    """A finished document as one GENERATED_DOCUMENT_SCHEMA row (images as the PNG bytes the decoder made)."""
     doc = row.doc
     if not doc.finished:
         raise RuntimeError(f"document {row.id} left the last round unfinished: the rounds are fewer than its "
@@ -332,7 +314,7 @@ def write_shard(out: Path, name: str, rows: list[DocRow]) -> Path:
     """Write under a temporary name, then rename: a file in DIR/documents/ is always complete."""
     final = out / DOCS / name
     tmp = out / DOCS / f".tmp-{name}"
-    pq.write_table(pa.Table.from_pylist([document_record(r) for r in rows], schema=DOCUMENT_SCHEMA), tmp)
+    pq.write_table(pa.Table.from_pylist([document_record(r) for r in rows], schema=GENERATED_DOCUMENT_SCHEMA), tmp)
     os.replace(tmp, final)
     return final
 
@@ -409,7 +391,7 @@ class Ledger:
         pending = len(self.line_of) - written - len(self.refused)
         all_ids = {i for f in self.files.values() for i in f["ids"]}
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": GENERATED_SCHEMA_VERSION,
             "status": status,
             "input": str(self.input),
             "pinned": self.pinned,
@@ -512,4 +494,4 @@ def generate(input_path: str | Path, output: str | Path, config: GenerateConfig,
     return ledger.save("complete")
 
 
-__all__ = ["DOCUMENT_SCHEMA", "GenerateError", "build_pipeline", "generate", "read_prompts"]
+__all__ = ["GenerateError", "build_pipeline", "generate", "read_prompts"]
