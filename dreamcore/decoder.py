@@ -8,6 +8,9 @@ Design (DreamLLM, Dong et al. 2024, section 2.1):
   frozen while the condition still receives gradients: they flow *through* the UNet into the LLM.
 - Sampling: DDIM with classifier-free guidance; the unconditional condition comes from the same LLM
   and queries run on an empty prompt (computed by the caller, passed in as `uncond`).
+  Each image is a `Trajectory` (its own sampler, noise and progress); `step` advances any set of
+  them in one UNet call, so `sample` and the serving replica's step-level batching
+  (dreamcore/denoiser.py) are the same code.
 - Two set-ups: a pretrained Stable Diffusion folder / hub id (`unet/`, `vae/`, `scheduler/`, loaded
   by dreamcore.pretrained.load_decoder) whose latents are scaled by the VAE's `scaling_factor`, or
   (tiny preset) a pixel-space UNet built from config: 3 channels in and out,
@@ -112,6 +115,7 @@ class DiffusionDecoder(nn.Module):
             )
         if vae is not None:
             vae.requires_grad_(False)  # the VAE never trains (DreamLLM and the tiny preset alike)
+        self._samplers: dict[int, DDIMScheduler] = {}
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -192,6 +196,83 @@ class DiffusionDecoder(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Sampling
 
+    def start(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        eta: float | None = None,
+    ) -> Trajectory:
+        """One image's denoising run, at its starting noise (drawn on CPU from `generator`).
+
+        cond / uncond: (Q, C). Checked here, per image, so that a bad image is refused on its own
+        and never fails the UNet call it would have shared with others.
+        """
+        steps = self.cfg.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        eta = self.cfg.eta if eta is None else float(eta)
+        if steps < 1:
+            raise ValueError(f"sample: num_inference_steps={steps}; give at least 1")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"sample: eta={eta} is outside [0, 1] (0 = deterministic DDIM, 1 = DDPM-like)")
+        if not np.isfinite(scale):
+            raise ValueError(f"sample: guidance_scale={scale} is not a finite number")
+        want = (self.unet.config.cross_attention_dim,)
+        for name, c in (("cond", cond), ("uncond", uncond)):
+            if c is not None and (c.dim() != 2 or tuple(c.shape[1:]) != want):
+                raise ValueError(f"sample: {name} has shape {tuple(c.shape)}; it must be (num_queries, {want[0]})")
+            if c is not None and not torch.isfinite(c).all():
+                raise ValueError(f"sample: {name} holds NaN or infinite values")
+        if scale != 1.0 and uncond is None:
+            raise ValueError("guidance_scale != 1 needs `uncond` (the empty-prompt dream condition)")
+        sched = self._sampler(steps)
+        device, dtype = self.unet.device, self.unet.dtype
+        shape = (self.unet.config.out_channels, self.latent_size, self.latent_size)
+        x = _draw([generator], shape)[0].to(device=device, dtype=dtype) * sched.init_noise_sigma
+        return Trajectory(cond.to(device=device, dtype=dtype),
+                          None if scale == 1.0 else uncond.to(device=device, dtype=dtype),
+                          scale, eta, generator, sched, x)
+
+    def step(self, trajectories: list[Trajectory]) -> None:
+        """Advance every unfinished trajectory by one denoising step, all in one UNet call.
+
+        Rows may differ in step count, progress and guidance: the UNet takes one timestep per row,
+        and the guided ones add their unconditional row to the same call. This is what lets the
+        serving replica admit an image at any step (dreamcore/denoiser.py).
+        """
+        live = [tr for tr in trajectories if not tr.done]
+        if not live:
+            return
+        guided = [tr for tr in live if tr.uncond is not None]
+        # Rows: [unconditional rows of the guided; conditional rows of all]
+        x = torch.stack([tr.x for tr in guided] + [tr.x for tr in live])
+        t = torch.stack([tr.timestep for tr in guided] + [tr.timestep for tr in live])
+        enc = torch.stack([tr.uncond for tr in guided] + [tr.cond for tr in live])
+        with torch.no_grad():
+            out = self.denoise(x, t.to(x.device), enc)
+        out_u, out_c = out[:len(guided)], out[len(guided):]
+        u = 0
+        for i, tr in enumerate(live):
+            pred = out_c[i]
+            if tr.uncond is not None:
+                pred = out_u[u] + tr.scale * (pred - out_u[u])
+                u += 1
+            # eta > 0: the step noise from the image's own generator (batch-independent)
+            noise = _draw([tr.generator], tr.x.shape).to(tr.x.device, tr.x.dtype) if tr.eta > 0 else None
+            tr.x = tr.scheduler.step(pred[None], tr.timestep, tr.x[None], eta=tr.eta,
+                                     variance_noise=None if noise is None else noise).prev_sample[0]
+            tr.index += 1
+
+    def _sampler(self, steps: int) -> DDIMScheduler:
+        """The DDIM sampler for a step count (one per count: its `step` keeps no per-run state)."""
+        if steps not in self._samplers:
+            sched = DDIMScheduler.from_config(self.sample_scheduler_config)
+            sched.set_timesteps(steps)  # timesteps on CPU; step() moves them to the UNet's device
+            self._samplers[steps] = sched
+        return self._samplers[steps]
+
     @torch.no_grad()
     def sample(
         self,
@@ -210,45 +291,54 @@ class DiffusionDecoder(nn.Module):
         noise, and with eta > 0 its noise at every step, from its own CPU generator, so an image
         does not depend on the batch it was served in. eta: `decoder.eta` unless given.
         """
-        # 1. Check inputs
         if cond.dim() == 2:
             cond = cond.unsqueeze(0)
         k = cond.shape[0]
-        steps = num_inference_steps or self.cfg.num_inference_steps
-        scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-        eta = self.cfg.eta if eta is None else float(eta)
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"sample: eta={eta} is outside [0, 1] (0 = deterministic DDIM, 1 = DDPM-like)")
-        use_cfg = scale != 1.0
-        if use_cfg and uncond is None:
-            raise ValueError("guidance_scale != 1 needs `uncond` (the empty-prompt dream condition)")
-        device, dtype = cond.device, self.unet.dtype
-        # 2. Starting noise (on CPU so a seed gives the same image on any device)
-        shape = (self.unet.config.out_channels, self.latent_size, self.latent_size)
+        if uncond is not None and uncond.dim() == 2:
+            uncond = uncond.unsqueeze(0).expand(k, -1, -1)
         generators = _generators(k, generator, seed)
-        x = _draw(generators, shape).to(device=device, dtype=dtype)
-        # 3. Conditions: [uncond; cond] in one UNet batch
-        enc = cond.to(dtype)
-        if use_cfg:
-            u = uncond.to(device=device, dtype=dtype)
-            u = u.unsqueeze(0).expand(k, -1, -1) if u.dim() == 2 else u
-            enc = torch.cat([u, enc])
-        # 4. Denoising loop (a fresh scheduler per call: schedulers keep per-run state)
-        scheduler = DDIMScheduler.from_config(self.sample_scheduler_config)
-        scheduler.set_timesteps(steps, device=device)
-        x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            inp = torch.cat([x, x]) if use_cfg else x
-            inp = scheduler.scale_model_input(inp, t)
-            out = self.denoise(inp, t, enc)
-            if use_cfg:
-                out_u, out_c = out.chunk(2)
-                out = out_u + scale * (out_c - out_u)
-            # eta > 0: each image's step noise from its own generator (batch-independent)
-            noise = _draw(generators, shape).to(device, dtype) if eta > 0 else None
-            x = scheduler.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
-        # 5. Back to pixels
-        return self.to_pixels(x)
+        runs = [self.start(cond[i], None if uncond is None else uncond[i], num_inference_steps, guidance_scale,
+                           generators[i], eta) for i in range(k)]
+        while not all(tr.done for tr in runs):
+            self.step(runs)
+        return self.to_pixels(torch.stack([tr.x for tr in runs]))
+
+    @torch.no_grad()
+    def pixels_uint8(self, trajectories: list[Trajectory]) -> np.ndarray:
+        """Finished trajectories -> (K, R, R, 3) uint8 images (what the engine and serving hand out)."""
+        images = self.to_pixels(torch.stack([tr.x for tr in trajectories]))
+        return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """One image being denoised: its conditions, sampler, noise generator, sample and progress.
+
+    Trajectories of one decoder share UNet calls (`DiffusionDecoder.step`) whatever their step
+    counts and guidance, so an image is the same whichever images it was denoised beside (up to
+    floating-point rounding of the batched kernels).
+    """
+
+    cond: torch.Tensor  # (Q, C)
+    uncond: torch.Tensor | None  # (Q, C); None: no guidance (scale 1)
+    scale: float
+    eta: float
+    generator: torch.Generator | None
+    scheduler: DDIMScheduler
+    x: torch.Tensor  # (C, h, w): the current sample in model space
+    index: int = 0  # steps taken
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.scheduler.timesteps)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.scheduler.timesteps[self.index]
+
+    @property
+    def steps(self) -> int:
+        return len(self.scheduler.timesteps)
 
 
 def _generators(

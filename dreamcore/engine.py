@@ -366,18 +366,19 @@ def _fill(embeds: torch.Tensor, start: int, slot: int, values: torch.Tensor) -> 
 
 
 @torch.inference_mode()
+@torch.no_grad()
 def decode_dreams(decoder: DiffusionDecoder, dreams: Sequence[DreamConditions]) -> list[np.ndarray]:
-    """One (R, R, 3) uint8 image per DreamConditions, in order; equal sampler settings share a batch."""
+    """One (R, R, 3) uint8 image per DreamConditions, in order, all sharing each UNet call.
+
+    Each image draws its noise from its own seed and keeps its own step count and guidance
+    (`DiffusionDecoder.start` / `step`); the serving replica runs the same trajectories with images
+    joining at every step (dreamcore/denoiser.py).
+    """
     device = next(decoder.unet.parameters()).device
-    out: list[np.ndarray | None] = [None] * len(dreams)
-    groups: dict[tuple[Any, Any], list[int]] = {}
-    for i, d in enumerate(dreams):
-        groups.setdefault((d.num_inference_steps, d.guidance_scale, d.uncond is None), []).append(i)
-    for (steps, scale, no_uncond), idx in groups.items():
-        cond = torch.from_numpy(np.stack([dreams[i].cond for i in idx])).to(device)  # (K, Q, C)
-        uncond = None if no_uncond else torch.from_numpy(np.stack([dreams[i].uncond for i in idx])).to(device)
-        images = decoder.sample(cond, uncond, steps, scale, seed=[dreams[i].seed for i in idx])  # (K, 3, R, R)
-        pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for i, a in zip(idx, pixels):
-            out[i] = np.ascontiguousarray(a)
-    return out  # type: ignore[return-value]
+    runs = [decoder.start(torch.from_numpy(np.asarray(d.cond)).to(device),
+                          None if d.uncond is None else torch.from_numpy(np.asarray(d.uncond)).to(device),
+                          d.num_inference_steps, d.guidance_scale, torch.Generator().manual_seed(int(d.seed)))
+            for d in dreams]
+    while not all(r.done for r in runs):
+        decoder.step(runs)
+    return [np.ascontiguousarray(a) for a in decoder.pixels_uint8(runs)] if runs else []

@@ -30,6 +30,7 @@ from dreamcore.engine import (
     decode_dreams,
 )
 from dreamcore.model import DreamLLM
+from dreamcore.tokenizer import SampledText
 
 SEED_STRIDE = 1000
 
@@ -118,7 +119,8 @@ class Document:
         self._rounds += 1
         self.completion_tokens += res.new_tokens
         if res.text:
-            self.parts.append(res.text)
+            # The next round lays out the ids it sampled, not a re-tokenization of the text.
+            self.parts.append(SampledText(res.text, res.token_ids) if res.token_ids else res.text)
             self.output.append(res.text)
         if res.stop == "dream":
             self._dream = DreamConditions(res.cond, res.uncond, image_seed(self.params.seed, self.images),

@@ -65,6 +65,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from dreamcore.engine import Layout, Row, TextEngine, TextRequest, TextResult
+from dreamcore.steploop import StepLoop
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,15 @@ class _Job:
     emitted: str = ""  # text sent in TokenEvents so far
 
 
-class Scheduler:
+class Scheduler(StepLoop):
     """Iteration-level batching over one TextEngine (see the module docstring)."""
+
+    thread_name = "dreamcore-scheduler"
 
     def __init__(self, engine: TextEngine, max_batch_size: int = 8, max_cache_tokens: int | None = None,
                  session_ttl_s: float = 600.0, retry_after_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.engine, self.tok = engine, engine.tok
@@ -195,9 +199,6 @@ class Scheduler:
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100)
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
 
     # -- submission (any thread) -----------------------------------------------------------------
 
@@ -310,30 +311,8 @@ class Scheduler:
     def sessions(self) -> int:
         return len(self._sessions)
 
-    def start(self) -> None:
-        """Run `step` in a daemon thread until `stop` (the LLM replica's loop)."""
-        if self._thread is not None:
-            return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="dreamcore-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stopping:
-            self._wake.clear()
-            if not self.step():
-                self._wake.wait(timeout=min(1.0, self.session_ttl_s))
+    def idle_wait_s(self) -> float:
+        return min(1.0, self.session_ttl_s)  # expired sessions are swept even when idle
 
     @torch.inference_mode()
     def step(self) -> bool:

@@ -38,6 +38,26 @@ SLOTS_FILE = "dreamcore_tokenizer.json"  # slot counts saved beside the HF token
 Part = str | int  # a text chunk, or the index of an image in the document's image list
 
 
+class SampledText(str):
+    """Text the model generated, with the token ids it was sampled as.
+
+    A prompt lays it out with these ids, not by re-tokenizing the text: byte-level BPE does not
+    round-trip a chunk cut at a token boundary (a sampled "g" after text re-encodes as "Ġ", "g"),
+    and the next round must see exactly the ids it sampled (same continuation, and a KV cache
+    that stays valid).
+    """
+
+    token_ids: tuple[int, ...]
+
+    def __new__(cls, text: str, token_ids: Iterable[int]) -> SampledText:
+        obj = super().__new__(cls, text)
+        obj.token_ids = tuple(int(i) for i in token_ids)
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (Ray) as itself, ids included
+        return (SampledText, (str(self), self.token_ids))
+
+
 class EmptyDocumentError(ValueError):
     """The document has neither text nor images; `reason` is the curator's drop-reason code."""
 
@@ -416,12 +436,31 @@ class DreamTokenizer:
 
     def _tokenize_parts(self, parts: list[Part]) -> list[list[int] | int]:
         """Non-empty text parts -> token lists (one batched tokenizer call); image indices kept."""
-        texts = [p for p in parts if isinstance(p, str) and p]
-        if not texts:
-            return [p for p in parts if not isinstance(p, str)]
+        texts = [p for p in parts if isinstance(p, str) and p and not isinstance(p, SampledText)]
         # split_special_tokens: a document that contains "<im_patch>" as text must not forge a slot.
-        encoded = iter(self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-        return [next(encoded) if isinstance(p, str) else p for p in parts if p != ""]
+        encoded = iter(self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                       if texts else ())
+        out: list[list[int] | int] = []
+        for p in parts:
+            if isinstance(p, SampledText):
+                if p.token_ids:
+                    out.append(self._check_sampled(p.token_ids))
+            elif isinstance(p, str):
+                if p:
+                    out.append(next(encoded))
+            else:
+                out.append(p)
+        return out
+
+    def _check_sampled(self, ids: Sequence[int]) -> list[int]:
+        """Sampled ids must be ordinary tokens: a slot or block marker would forge a layout."""
+        reserved = {self.im_start_id, self.im_patch_id, self.im_end_id, self.dream_start_id, self.dream_end_id,
+                    self.bos_id, self.pad_id}
+        bad = [i for i in ids if not 0 <= i < self.vocab_size or i in reserved]
+        if bad:
+            raise ValueError(f"SampledText holds token ids {bad[:5]} that are out of range or reserved "
+                             "(slot and block markers); pass the text as a plain str instead")
+        return list(ids)
 
     @staticmethod
     def _check_parts(parts: Sequence[Part]) -> list[Part]:

@@ -319,8 +319,8 @@ def _llm_stats(url: str) -> dict:
 
 def test_a_document_keeps_its_kv_cache_across_its_images(served):
     """Continuous batching with sessions: an image document's later rounds prefill only what is new,
-    so it costs far fewer prefilled + decoded tokens than re-prefilling the document every round
-    (what the same rounds cost stateless, counted here in-process)."""
+    so it costs its own length in prefilled + decoded tokens, far fewer than re-prefilling the
+    document every round (what the same rounds cost stateless, counted here in-process)."""
     import torch
 
     from dreamcore.checkpoint import from_pretrained
@@ -352,6 +352,10 @@ def test_a_document_keeps_its_kv_cache_across_its_images(served):
         torch.set_num_threads(threads)
     assert local.images == doc["usage"]["images"]
     assert spent < 0.8 * stateless, (spent, stateless)
+    # No token is run twice: the rounds carry the ids they sampled (SampledText), so every round's
+    # cache stays valid and each token of the document goes through the model once (all but the
+    # last sampled one, which nothing reads).
+    assert spent == res.prompt_tokens + res.new_tokens - 1, (spent, res.prompt_tokens, res.new_tokens)
     assert after["sessions"] == 0 and after["running"] == 0  # the finished document freed its cache
 
 

@@ -420,3 +420,24 @@ def test_encode_prompt_keeps_the_dream_block_of_drawn_images(tok):
     assert enc.input_ids[enc.dream_slots[0] - 1] == tok.dream_start_id
     assert enc.image_slots[0] == enc.dream_slots[0] + tok.num_dream_queries + 2
     assert all(label == -100 for label in enc.labels)
+
+
+def test_sampled_text_is_laid_out_with_the_ids_it_was_sampled_as(tok):
+    """Generated text goes back into the next round as the ids sampled, not re-tokenized: byte-level
+    BPE does not round-trip a chunk cut at a token boundary (a chunk's first word gains a prefix space)."""
+    import pickle
+
+    from dreamcore.tokenizer import SampledText
+
+    sampled = [tok.hf.convert_tokens_to_ids("d")]  # "d" right after "a red" (no space): "a redd"
+    text = tok.decode(sampled)
+    assert text == "d" and tok.encode_text(text) != sampled  # re-tokenizing adds a prefix space
+    plain = tok.encode_prompt(["a red", text]).input_ids
+    kept = tok.encode_prompt(["a red", SampledText(text, sampled)]).input_ids
+    assert kept[-len(sampled):] == sampled and plain != kept
+    again = pickle.loads(pickle.dumps(SampledText(text, sampled)))  # crosses Ray between replicas
+    assert isinstance(again, SampledText) and again == text and list(again.token_ids) == sampled
+    with pytest.raises(ValueError, match="reserved"):
+        tok.encode_prompt([SampledText("x", [tok.im_patch_id])])
+    with pytest.raises(ValueError, match="out of range"):
+        tok.encode_prompt([SampledText("x", [tok.vocab_size + 5])])

@@ -66,7 +66,8 @@ def app_from_config(cfg: ServeConfig) -> Application:
         ckpt, cfg.device, cfg.llm.max_batch_size, cfg.llm.batch_wait_timeout_s, cfg.llm.max_cache_tokens,
         cfg.llm.session_ttl_s, r)
     decoder = ImageDecoder.options(**deployment_options("ImageDecoder", cfg.decoder, r)).bind(
-        ckpt, cfg.device, cfg.decoder.max_batch_size, cfg.decoder.batch_wait_timeout_s)
+        ckpt, cfg.device, cfg.decoder.max_batch_size, cfg.decoder.batch_wait_timeout_s,
+        max(cfg.decoder.max_ongoing_requests, cfg.decoder.max_batch_size), r)
     return Ingress.options(**deployment_options("Ingress", cfg.ingress, r)).bind(llm, decoder, to_dict(cfg))
 
 

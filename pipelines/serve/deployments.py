@@ -5,8 +5,9 @@ decoder scale separately (each its own autoscaling_config), and the ingress comp
 DeploymentHandles. The LLM side is stateless between calls: each call gets the document so far,
 so any LLM replica can continue any document and a replaced replica loses nothing.
 
-Both model deployments batch concurrent requests with `serve.batch`; the model work runs in a
-worker thread so the replica's event loop keeps answering health checks and queue metrics.
+Both model deployments batch continuously: the LLM per decode step (dreamcore/scheduler.py), the
+decoder per denoising step (dreamcore/denoiser.py). The model work runs in each replica's own
+step thread so the replica's event loop keeps answering health checks and queue metrics.
 """
 
 # No `from __future__ import annotations`: Serve's class-based FastAPI views need real annotations
@@ -67,7 +68,7 @@ from pipelines.serve.openai_api import (
     usage,
     validation_error,
 )
-from pipelines.serve.replicas import DecodedImage, ImageReplica, TextReplica
+from pipelines.serve.replicas import DecodedImage, DecodeRefused, ImageReplica, TextReplica
 
 log = logging.getLogger("ray.serve")
 
@@ -136,22 +137,43 @@ class LLMServer:
 
 @serve.deployment
 class ImageDecoder:
-    """Dream conditions -> PNG; concurrent images share UNet calls (grouped by steps and guidance)."""
+    """Dream conditions -> PNG, with step-level batching (dreamcore/denoiser.py).
+
+    A denoiser thread runs one UNet call per step over every image in flight; an image that
+    arrives while others denoise joins at the next step (guided rows in the same call), and one
+    whose caller went away leaves at the next step. `batch_wait_timeout_s` is accepted for the
+    builder's signature and unused: nothing waits for a batch to fill.
+    """
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.02) -> None:
-        self.replica = ImageReplica(checkpoint, device)
-        self.decode.set_max_batch_size(max_batch_size)
-        self.decode.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
+                 batch_wait_timeout_s: float = 0.02, max_waiting: int = 256, retry_after_s: float = 1.0) -> None:
+        self.replica = ImageReplica(checkpoint, device, max_batch_size, max_waiting, retry_after_s)
+        self.denoiser = self.replica.denoiser
+        self.denoiser.start()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def decode(self, dreams: list[DreamConditions]) -> list[DecodedImage]:
-        self.batch_sizes = [*self.batch_sizes[-99:], len(dreams)]
-        return await asyncio.to_thread(self.replica.decode_batch, dreams)
+    async def decode(self, dream: DreamConditions) -> DecodedImage | DecodeRefused:
+        """One image; a refusal (busy: retry_after_s set; a bad input) comes back as DecodeRefused."""
+        fut = self.replica.submit(dream)
+        if isinstance(fut, DecodeRefused):
+            return fut
+        try:
+            pixels = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:  # the caller went away: the image leaves the batch next step
+            fut.cancel()
+            raise
+        except RuntimeError as e:  # the decoder failed on this image alone (Denoiser._isolate)
+            return DecodeRefused(str(e), self.replica.denoiser.retry_after_s)
+        return await asyncio.to_thread(self.replica.png, dream, pixels)
+
+    def check_health(self) -> None:
+        if not self.denoiser.alive:
+            raise RuntimeError("the denoiser thread has stopped")
 
     def info(self) -> dict[str, Any]:
-        return {**self.replica.info(), "pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
+        return {**self.replica.info(), "pid": os.getpid(), "batch_sizes": list(self.denoiser.batch_sizes)}
+
+    def __del__(self) -> None:
+        self.denoiser.stop()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +411,7 @@ class Ingress:
                 if text:
                     yield "part", {"type": "text", "text": text}
                 if doc.wants_image:
-                    img: DecodedImage = await self._call(self.decoder.decode.remote(doc.image_request()))
+                    img = await self._image(doc.image_request())
                     doc.add_image(img.png)
                     yield "part", _image_part(img)
             yield "done", {"finish_reason": doc.finish_reason,
@@ -413,10 +435,18 @@ class Ingress:
         """Text to image (/v1/images and /v1/images/generations): one dream, decoded with seeds seed + i."""
         res = await self._text(dream_requests([prompt], sp["seed"])[0])
         # The n images go out together so the decoder batches them into shared UNet calls.
-        calls = [self.decoder.decode.remote(DreamConditions(
+        return list(await asyncio.gather(*(self._image(DreamConditions(
             res.cond, res.uncond, sp["seed"] + i, sp["num_inference_steps"], sp["guidance_scale"]))
-            for i in range(n)]
-        return [await self._call(c) for c in calls]
+            for i in range(n))))
+
+    async def _image(self, dream: DreamConditions) -> DecodedImage:
+        """One image from the decoder deployment; its refusals become 503 (busy) or 422 (bad input)."""
+        img = await self._call(self.decoder.decode.remote(dream))
+        if isinstance(img, DecodeRefused):
+            if img.retry_after_s is not None:
+                raise _Unavailable(img.error, img.retry_after_s)
+            raise RequestError("image", img.error)
+        return img
 
     # -- OpenAI-compatible routes (pipelines/serve/openai_api.py, docs/serving.md) ---------------
 

@@ -1,7 +1,8 @@
 """What the two model replicas hold: a checkpoint half loaded on a device, and PNG encoding.
 
 The model work is dreamcore's one engine (`dreamcore.engine.TextEngine` and `decode_dreams`; the
-text side is driven by `dreamcore.scheduler.Scheduler`, continuous batching); this module adds
+text side is driven by `dreamcore.scheduler.Scheduler`, the image side by
+`dreamcore.denoiser.Denoiser`, both continuous batching); this module adds
 only what serving needs around it: loading just the components a replica uses, the model card
 the API reports, and images as PNG files (they travel to the LLM replica and the client as file
 bytes). Plain Python + torch, no Ray: benchmarks call these in-process as the
@@ -13,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from dreamcore.checkpoint import from_pretrained
+from dreamcore.denoiser import DecoderBusyError, Denoiser
 from dreamcore.engine import DreamConditions, TextEngine, TextRequest, TextResult, decode_dreams
 from dreamcore.scheduler import CacheFullError, Scheduler, Ticket
 
@@ -34,6 +38,17 @@ class DecodedImage:
     width: int
     height: int
     seed: int
+
+
+@dataclass
+class DecodeRefused:
+    """An image the decoder would not draw, as plain data (it crosses Ray like DecodedImage).
+
+    retry_after_s set: no room now (503 + Retry-After); None: the input itself is wrong (422).
+    """
+
+    error: str
+    retry_after_s: float | None = None
 
 
 def pick_device(device: str) -> torch.device:
@@ -93,21 +108,42 @@ class TextReplica:
 
 
 class ImageReplica:
-    """The decoder of a checkpoint (no LLM weights): dream conditions -> PNG."""
+    """The decoder of a checkpoint (no LLM weights): dream conditions -> PNG.
 
-    def __init__(self, checkpoint: str, device: str = "auto") -> None:
+    `denoiser` (dreamcore/denoiser.py) is step-level batching, created stopped: `ImageDecoder`
+    starts its thread; `decode_batch` is the same trajectories run to the end in the caller's
+    thread (offline generation, benchmarks).
+    """
+
+    def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
+                 max_waiting: int = 256, retry_after_s: float = 1.0) -> None:
         self.device = pick_device(device)
         self.card = model_card(checkpoint)
         model, _ = from_pretrained(checkpoint, components=DECODER_COMPONENTS)
         self.decoder = model.to(self.device).eval().decoder
+        self.denoiser = Denoiser(self.decoder, max_batch_size, max_waiting, retry_after_s)
 
     def info(self) -> dict[str, Any]:
-        return {**self.card, "device": str(self.device), "resolution": self.decoder.resolution}
+        d = self.denoiser
+        return {**self.card, "device": str(self.device), "resolution": self.decoder.resolution,
+                "denoiser": {"max_batch_size": d.max_batch_size, "max_waiting": d.max_waiting,
+                             "running": d.running, "waiting": d.waiting, "unet_calls": d.unet_calls,
+                             "batch_sizes": list(d.batch_sizes)}}
+
+    def submit(self, dream: DreamConditions) -> Future | DecodeRefused:
+        """Queue one image on the denoiser; a refusal (busy, or a bad input) comes back as data."""
+        try:
+            return self.denoiser.submit(dream)
+        except DecoderBusyError as e:
+            return DecodeRefused(str(e), e.retry_after_s)
+        except ValueError as e:
+            return DecodeRefused(str(e))
+
+    @staticmethod
+    def png(dream: DreamConditions, pixels: np.ndarray) -> DecodedImage:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        return DecodedImage(buf.getvalue(), pixels.shape[1], pixels.shape[0], dream.seed)
 
     def decode_batch(self, dreams: list[DreamConditions]) -> list[DecodedImage]:
-        out = []
-        for d, pixels in zip(dreams, decode_dreams(self.decoder, dreams)):
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="PNG")
-            out.append(DecodedImage(buf.getvalue(), pixels.shape[1], pixels.shape[0], d.seed))
-        return out
+        return [self.png(d, px) for d, px in zip(dreams, decode_dreams(self.decoder, dreams))]
