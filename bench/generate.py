@@ -11,6 +11,7 @@ With two or more sizes (`--prompts 16 64`) the offline time is fitted as startup
 steady-state rate per core is compared too (what a 10,000-prompt job sees).
 
 Usage: python bench/generate.py [--checkpoint DIR] [--prompts 32] [--cpus 2] [--steps 2] [--max-images 1]
+       [--json FILE]
 (no checkpoint: the tests' tiny debug checkpoint is built in a temp folder).
 """
 
@@ -83,6 +84,7 @@ def main() -> int:
     ap.add_argument("--max-images", type=int, default=1)
     ap.add_argument("--llm-batch", type=int, default=16)
     ap.add_argument("--decoder-batch", type=int, default=8)
+    ap.add_argument("--json", type=Path, help="also write the figures here (bench/serve.py reads them)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dreamcore-bench-gen-"))
     ckpt = args.checkpoint
@@ -128,13 +130,19 @@ def main() -> int:
         b, o = n / base_s, n / off_s
         print(f"{n:>5} {b:>14.2f} {b:>9.2f} {o:>14.2f} {o / args.cpus:>9.2f} {o / args.cpus / b:>11.2f} "
               f"{f'{same}/{n}':>10}")
+    figures = {"cpus": args.cpus, "sizes": [{"prompts": n, "in_process_s": b, "offline_s": o, "identical": same,
+                                            "ratio_per_core": n / o / args.cpus / (n / b)}
+                                           for n, b, o, same in results]}
     if len(results) >= 2:
         (n1, b1, o1, _), (n2, b2, o2, _) = results[0], results[-1]
         rate = (n2 - n1) / (o2 - o1)  # documents/s once the pipeline runs
         base_rate = (n2 - n1) / (b2 - b1)
+        figures.update(startup_s=o1 - n1 / rate, steady_ratio_per_core=rate / args.cpus / base_rate)
         print(f"offline fit: startup {o1 - n1 / rate:.1f} s, steady {rate:.2f} doc/s = {rate / args.cpus:.2f} per core; "
               f"in-process steady {base_rate:.2f} doc/s per core; steady ratio per core "
               f"{rate / args.cpus / base_rate:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
     print("identical: documents equal on both sides. Batches are cut differently on the two sides, and batched "
           "float kernels can move a pixel by one level or flip a near-tie token; --llm-batch 1 --decoder-batch 1 "
           "makes every document bit-exact (and slower)")

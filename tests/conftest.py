@@ -14,6 +14,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Serve kills an HTTP proxy whose readiness check takes over 5 s three times in a row; a cold proxy
+# (imports) on 2 busy, slow cores can take longer, and serve.start() then fails. Give it 30 s.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -44,7 +47,7 @@ def ray_session(tmp_path_factory):
         _temp_dir=str(tmp) if len(str(tmp)) < 60 else None,
         runtime_env={"env_vars": {k: os.environ[k] for k in (
             "RAY_AUTH_MODE", "NO_ALBUMENTATIONS_UPDATE", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM",
-            "HF_HUB_OFFLINE", "RAY_DATA_DISABLE_PROGRESS_BARS")}},
+            "HF_HUB_OFFLINE", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")}},
     )
     yield ray
     serve.shutdown()  # a no-op when no module started Serve

@@ -148,6 +148,8 @@ def test_serve_config_overrides_and_unknown_keys(tmp_path):
         load_serve_config(None, ["llm.autoscaling.min_replicas=3"])
     with pytest.raises(ConfigError, match="device"):
         load_serve_config(None, ["device=tpu"])
+    with pytest.raises(ConfigError, match="dtype='int8'"):
+        load_serve_config(None, ["dtype=int8"])
 
 
 def test_deployment_options_are_serve_options():
@@ -257,3 +259,33 @@ def test_a_full_kv_cache_is_a_retryable_503_other_refusals_are_4xx():
     with pytest.raises(RequestError) as e:
         check(long)
     assert e.value.status == 413 and not getattr(e.value, "headers", None)
+
+
+def test_replicas_serve_in_the_configured_dtype(tmp_path):
+    """`dtype` is serve configuration: bfloat16 weights on CPU give a dream condition and an image
+    through the image replica's denoiser; "auto" is float32 where no GPU is."""
+    import sys
+
+    import numpy as np
+    import torch
+
+    from dreamcore.engine import DreamConditions
+    from dreamcore.generate import dream_requests
+    from pipelines.serve.replicas import ImageReplica, TextReplica, pick_dtype
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _serve_helpers import make_checkpoint
+
+    ckpt = str(make_checkpoint(tmp_path / "ckpt"))
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    text, image = TextReplica(ckpt, "cpu", dtype="bfloat16"), ImageReplica(ckpt, "cpu", dtype="bfloat16")
+    assert next(text.engine.model.llm.parameters()).dtype == torch.bfloat16
+    assert image.decoder.unet.dtype == torch.bfloat16
+    assert text.info()["dtype"] == image.info()["dtype"] == "bfloat16"
+    res = text.engine.continue_batch(dream_requests(["a red circle"]))[0]
+    assert res.error is None and np.isfinite(res.cond).all()
+    future = image.denoiser.submit(DreamConditions(res.cond, res.uncond, 1, 3, 2.0))
+    while image.denoiser.step():
+        pass
+    pixels = future.result()
+    assert pixels.dtype == np.uint8 and pixels.shape == (image.decoder.resolution, image.decoder.resolution, 3)

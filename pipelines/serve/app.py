@@ -63,11 +63,10 @@ def app_from_config(cfg: ServeConfig) -> Application:
     cfg = merge(cfg, {"checkpoint": ckpt})
     r = cfg.retry_after_s
     llm = LLMServer.options(**deployment_options("LLMServer", cfg.llm, r)).bind(
-        ckpt, cfg.device, cfg.llm.max_batch_size, cfg.llm.batch_wait_timeout_s, cfg.llm.max_cache_tokens,
-        cfg.llm.session_ttl_s, r)
+        ckpt, cfg.device, cfg.llm.max_batch_size, cfg.llm.max_cache_tokens, cfg.llm.session_ttl_s, r, cfg.dtype)
     decoder = ImageDecoder.options(**deployment_options("ImageDecoder", cfg.decoder, r)).bind(
-        ckpt, cfg.device, cfg.decoder.max_batch_size, cfg.decoder.batch_wait_timeout_s,
-        max(cfg.decoder.max_ongoing_requests, cfg.decoder.max_batch_size), r)
+        ckpt, cfg.device, cfg.decoder.max_batch_size,
+        max(cfg.decoder.max_ongoing_requests, cfg.decoder.max_batch_size), r, cfg.dtype)
     return Ingress.options(**deployment_options("Ingress", cfg.ingress, r)).bind(llm, decoder, to_dict(cfg))
 
 

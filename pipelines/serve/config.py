@@ -37,8 +37,7 @@ class DeploymentSettings:
     max_queued_requests: int = 32  # beyond this Serve answers 503 + Retry-After at once
     num_cpus: float = 0.5
     num_gpus: float = 0.0  # fraction of a GPU per replica (e.g. 0.5 puts two replicas on one GPU)
-    max_batch_size: int = 8  # serve.batch: requests merged into one forward pass
-    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill before it runs
+    max_batch_size: int = 8  # requests (LLM rows, decoder images) sharing one model step
 
 
 @dataclass
@@ -94,7 +93,6 @@ def _llm_defaults() -> LLMSettings:
             downscale_delay_s=120, look_back_period_s=10, metrics_interval_s=2,
         ),
         max_ongoing_requests=16, max_queued_requests=64, num_cpus=0.5, max_batch_size=8,
-        batch_wait_timeout_s=0.01,
     )
 
 
@@ -106,7 +104,6 @@ def _decoder_defaults() -> DeploymentSettings:
             downscale_delay_s=120, look_back_period_s=10, metrics_interval_s=2,
         ),
         max_ongoing_requests=8, max_queued_requests=32, num_cpus=0.5, max_batch_size=8,
-        batch_wait_timeout_s=0.02,
     )
 
 
@@ -118,7 +115,6 @@ def _ingress_defaults() -> DeploymentSettings:
             downscale_delay_s=120, look_back_period_s=10, metrics_interval_s=2,
         ),
         max_ongoing_requests=64, max_queued_requests=128, num_cpus=0.25, max_batch_size=1,
-        batch_wait_timeout_s=0.0,
     )
 
 
@@ -132,6 +128,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # "auto" (cuda when the replica has a GPU), "cpu", "cuda"
+    dtype: str = "auto"  # weights: "auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16", "float16"
     request_timeout_s: float = 300.0  # end to end, per HTTP request (Serve answers 408 after)
     call_timeout_s: float = 120.0  # one LLM or decoder call from the ingress (504 after)
     retry_after_s: float = 2.0  # Retry-After of 503 answers under overload
@@ -145,6 +142,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
         if self.llm.max_cache_tokens < 0 or self.llm.session_ttl_s <= 0:
             raise ConfigError(f"llm.max_cache_tokens={self.llm.max_cache_tokens} must be >= 0 (0: automatic) and "
                               f"llm.session_ttl_s={self.llm.session_ttl_s} > 0")

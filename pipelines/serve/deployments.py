@@ -84,15 +84,14 @@ class LLMServer:
     Continuous batching (dreamcore/scheduler.py): a scheduler thread admits rounds at every decode
     step, and a round sent with a `session_id` keeps its document's KV cache for the next round
     (after the image), so only the new part is prefilled. Without a session id a call is stateless.
-    `batch_wait_timeout_s` is accepted for the builder's signature and unused: a round joins the
-    running batch at the next decode step instead of waiting for a batch to fill.
+    A round joins the running batch at the next decode step instead of waiting for a batch to fill.
     """
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, max_cache_tokens: int = 0,
-                 session_ttl_s: float = 600.0, retry_after_s: float = 2.0) -> None:
+                 max_cache_tokens: int = 0,
+                 session_ttl_s: float = 600.0, retry_after_s: float = 2.0, dtype: str = "auto") -> None:
         self.replica = TextReplica(checkpoint, device, max_batch_size, max_cache_tokens, session_ttl_s,
-                                   retry_after_s)
+                                   retry_after_s, dtype)
         self.scheduler = self.replica.scheduler
         self.scheduler.start()
 
@@ -141,13 +140,12 @@ class ImageDecoder:
 
     A denoiser thread runs one UNet call per step over every image in flight; an image that
     arrives while others denoise joins at the next step (guided rows in the same call), and one
-    whose caller went away leaves at the next step. `batch_wait_timeout_s` is accepted for the
-    builder's signature and unused: nothing waits for a batch to fill.
+    whose caller went away leaves at the next step. Nothing waits for a batch to fill.
     """
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.02, max_waiting: int = 256, retry_after_s: float = 1.0) -> None:
-        self.replica = ImageReplica(checkpoint, device, max_batch_size, max_waiting, retry_after_s)
+                 max_waiting: int = 256, retry_after_s: float = 1.0, dtype: str = "auto") -> None:
+        self.replica = ImageReplica(checkpoint, device, max_batch_size, max_waiting, retry_after_s, dtype)
         self.denoiser = self.replica.denoiser
         self.denoiser.start()
 
@@ -357,7 +355,11 @@ class Ingress:
             async for kind, data in self._document(Document(parts, params), stream=True):
                 yield _sse(kind, {"id": rid, "model": model, **data} if kind == "done" else data)
         except RequestError as e:  # headers are already sent: report in-band, then end the stream
-            yield _sse("error", {"status": e.status, "message": str(e)})
+            data: dict[str, Any] = {"status": e.status, "message": str(e)}
+            retry = (getattr(e, "headers", None) or {}).get("Retry-After")
+            if retry is not None:  # a retryable failure (a replica died, overload): when to come back
+                data["retry_after"] = int(retry)
+            yield _sse("error", data)
 
     @staticmethod
     def _checked(res: TextResult) -> TextResult:
@@ -539,4 +541,4 @@ class Ingress:
         self._authorize(request)
         t = time.time()
         llm, dec = await asyncio.gather(self._call(self.llm.info.remote()), self._call(self.decoder.info.remote()))
-        return {"llm": llm, "decoder": dec, "took_s": time.time() - t}
+        return {"llm": llm, "decoder": dec, "ingress": {"pid": os.getpid()}, "took_s": time.time() - t}

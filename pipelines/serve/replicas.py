@@ -59,6 +59,19 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The replica's weight dtype: "auto" is bfloat16 on a GPU that has it, else float32."""
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a serving dtype; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def model_card(checkpoint: str) -> dict[str, Any]:
     """Id and sampler defaults of a checkpoint (from its config.json; no weights)."""
     path = Path(checkpoint)
@@ -76,11 +89,14 @@ class TextReplica:
     """
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
-                 max_cache_tokens: int = 0, session_ttl_s: float = 600.0, retry_after_s: float = 1.0) -> None:
+                 max_cache_tokens: int = 0, session_ttl_s: float = 600.0, retry_after_s: float = 1.0,
+                 dtype: str = "auto") -> None:
         self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
         self.card = model_card(checkpoint)
-        model, tokenizer = from_pretrained(checkpoint, components=LLM_COMPONENTS)
-        self.engine = TextEngine(model.to(self.device).eval(), tokenizer)
+        model, tokenizer = from_pretrained(checkpoint, components=LLM_COMPONENTS, device=self.device,
+                                           dtype=self.dtype)
+        self.engine = TextEngine(model.eval(), tokenizer)
         self.scheduler = Scheduler(self.engine, max_batch_size, max_cache_tokens or None, session_ttl_s,
                                    retry_after_s)
 
@@ -100,7 +116,8 @@ class TextReplica:
 
     def info(self) -> dict[str, Any]:
         s = self.scheduler
-        return {**self.card, "device": str(self.device), "max_len": self.engine.max_len,
+        return {**self.card, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "max_len": self.engine.max_len,
                 "scheduler": {"max_batch_size": s.max_batch_size, "max_cache_tokens": s.max_cache_tokens,
                               "reserved_tokens": s.reserved_tokens, "running": s.running, "waiting": s.waiting,
                               "sessions": s.sessions, "prefill_tokens": s.prefill_tokens,
@@ -116,16 +133,18 @@ class ImageReplica:
     """
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
-                 max_waiting: int = 256, retry_after_s: float = 1.0) -> None:
+                 max_waiting: int = 256, retry_after_s: float = 1.0, dtype: str = "auto") -> None:
         self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
         self.card = model_card(checkpoint)
-        model, _ = from_pretrained(checkpoint, components=DECODER_COMPONENTS)
-        self.decoder = model.to(self.device).eval().decoder
+        model, _ = from_pretrained(checkpoint, components=DECODER_COMPONENTS, device=self.device, dtype=self.dtype)
+        self.decoder = model.eval().decoder
         self.denoiser = Denoiser(self.decoder, max_batch_size, max_waiting, retry_after_s)
 
     def info(self) -> dict[str, Any]:
         d = self.denoiser
-        return {**self.card, "device": str(self.device), "resolution": self.decoder.resolution,
+        return {**self.card, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "resolution": self.decoder.resolution,
                 "denoiser": {"max_batch_size": d.max_batch_size, "max_waiting": d.max_waiting,
                              "running": d.running, "waiting": d.waiting, "unet_calls": d.unet_calls,
                              "batch_sizes": list(d.batch_sizes)}}
