@@ -42,6 +42,7 @@ from pipelines.curate.readers import mmc4_record  # noqa: E402
 from pipelines.curate.tokenize import encode_doc, pack_docs  # noqa: E402
 from pipelines.recipe import Recipe, shapes_tiny  # noqa: E402
 from pipelines.train.data import mix_counts  # noqa: E402
+from pipelines.train.loop import optimizer_groups  # noqa: E402
 
 
 def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, packing: str = "truncate",
@@ -121,13 +122,13 @@ def probe(model: DreamLLM, batch: dict, repeats: int = 4, seed: int = 0) -> dict
             "gap": round(wrong - right, 5), "spread": round(spread, 3)}
 
 
-def train(recipe: Recipe, log_every: int = 50, seed: int = 0, creation_lr_mult: float = 1.0,
+def train(recipe: Recipe, log_every: int = 50, seed: int = 0,
           probe_every: int = 0, trim: bool = True, ema_decays: tuple[float, ...] = ()
           ) -> tuple[DreamLLM, DreamTokenizer, dict]:
     """Train the recipe's model in-process for the recipe's steps, on one process's batches of
     the recipe's global batch size.
 
-    creation_lr_mult: lr multiplier for dream_queries and cond_proj (a second AdamW group).
+    The optimizer groups are the training job's (`optimizer_groups`: `optim.lr_mults` per component).
     ema_decays: keep an exponential moving average of the trained weights per decay; returned in
     stats["ema"] as {decay: state_dict} for evaluation."""
     torch.manual_seed(seed)
@@ -155,9 +156,7 @@ def train(recipe: Recipe, log_every: int = 50, seed: int = 0, creation_lr_mult: 
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
           f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable); "
           f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M", flush=True)
-    special = {id(model.dream_queries), *(id(p) for p in model.cond_proj.parameters())}
-    groups = [{"params": [p for p in params if id(p) not in special], "lr_mult": 1.0},
-              {"params": [p for p in params if id(p) in special], "lr_mult": creation_lr_mult}]
+    groups = optimizer_groups(model, optim)
     emas = {d: [p.detach().clone() for p in params] for d in ema_decays}
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                             weight_decay=optim.weight_decay)
@@ -232,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of one dataset (recipe: " + ", ".join(f"{d.name}={d.weight:g}" for d in base.datasets)
                    + "); 0 leaves it out")
     p.add_argument("--guidance", type=float, help="guidance scale at evaluation (default: the model's decoder.guidance_scale)")
-    p.add_argument("--creation-lr-mult", type=float, default=1.0, help="lr multiplier: dream_queries, cond_proj")
     p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
     p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")
     p.add_argument("--eval-n", type=int, default=base.eval.num_prompts, help="held-out prompts and images to score")
@@ -276,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         stats, emas = {"loaded": str(args.load)}, {}
     else:
         model, tokenizer, stats = train(recipe, log_every=5 if args.speed_only else 50, seed=args.seed,
-                                        creation_lr_mult=args.creation_lr_mult, probe_every=args.probe_every,
+                                        probe_every=args.probe_every,
                                         ema_decays=tuple(args.ema))
         emas = stats.pop("ema", {})
         print(f"trained: {stats}", flush=True)

@@ -361,6 +361,8 @@ def merge(cfg: T, data: dict[str, Any], prefix: str = "") -> T:
         current = getattr(cfg, k)
         if dataclasses.is_dataclass(current) and isinstance(v, dict):
             changes[k] = merge(current, v, where)
+        elif isinstance(current, dict) and isinstance(v, dict):  # a mapping field: keys merge, as fields do
+            changes[k] = _coerce({**current, **v}, hints[k], where)
         else:
             changes[k] = _coerce(v, hints[k], where)
     return dataclasses.replace(cfg, **changes)

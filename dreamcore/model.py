@@ -32,6 +32,8 @@ from dreamcore.decoder import DiffusionDecoder
 from dreamcore.pretrained import load_components
 
 COMPONENTS = ("llm", "vision", "projectors", "decoder")
+# Parameter groups by component (`DreamLLM.named_groups`): logs, and per-group learning rates.
+PARAM_GROUPS = ("llm", "vision", "vision_proj", "cond_proj", "decoder", "dream_queries")
 IGNORE_INDEX = -100
 # CLIP's preprocessing constants (openai/clip-vit-*), applied in-model so batches stay uint8.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -357,7 +359,7 @@ class DreamLLM(nn.Module):
 
     def named_groups(self) -> dict[str, list[nn.Parameter]]:
         groups: dict[str, list[nn.Parameter]] = {}
-        for name in ("llm", "vision", "vision_proj", "cond_proj", "decoder"):
+        for name in PARAM_GROUPS[:-1]:
             module = getattr(self, name)
             if module is not None:
                 groups[name] = list(module.parameters())

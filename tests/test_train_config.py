@@ -149,3 +149,38 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 
 def test_defaults_are_valid():
     assert TrainConfig().validate().precision == "fp32"
+
+
+def test_lr_mults_give_components_their_own_learning_rate_through_the_schedule():
+    """optim.lr_mults: each named component trains at lr x mult, through DeepSpeed's warmup + cosine
+    (the scheduler the job configures), every trainable parameter in exactly one group."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from dreamcore.config import load_config
+    from dreamcore.model import DreamLLM
+    from dreamcore.tokenizer import DreamTokenizer
+    from pipelines.train.loop import optimizer_groups, trainable_parameters
+
+    cfg = load_config(TrainConfig(), None, ["optim.lr=0.01", "optim.lr_mults.llm=0.25"])
+    cfg = load_config(cfg, None, ["optim.lr_mults.dream_queries=4"]).validate()  # keys merge
+    assert cfg.optim.lr_mults == {"llm": 0.25, "dream_queries": 4}
+    mcfg = small_model_config()
+    mcfg.decoder.freeze = True
+    tok = DreamTokenizer.build(mcfg.tokenizer, mcfg.vision.num_tokens, mcfg.dream.num_queries, ["a red circle"] * 4)
+    model = DreamLLM(mcfg, tok)
+    groups = optimizer_groups(model, cfg.optim)
+    assert [g["name"] for g in groups] == ["base", "llm", "dream_queries"]  # the logged lr is group 0's: lr
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in trainable_parameters(model)) and len(ids) == len(set(ids))
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.llm.parameters()}
+    assert not {id(p) for p in model.decoder.parameters()} & set(ids)  # frozen: in no group
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    sched = WarmupCosineLR(opt, total_num_steps=20, warmup_num_steps=5, warmup_min_ratio=0.2, cos_min_ratio=0.1)
+    for _ in range(9):
+        opt.step()
+        sched.step()
+        base, llm, queries = (g["lr"] for g in opt.param_groups)
+        assert 0 < base <= 0.01 and llm == pytest.approx(0.25 * base) and queries == pytest.approx(4 * base)
+    for bad, message in ((["optim.lr_mults.lm=2"], "unknown component"), (["optim.lr_mults.llm=0"], "> 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(TrainConfig(), None, bad).validate()

@@ -27,6 +27,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
+    # Learning-rate multipliers per component (dreamcore.model.PARAM_GROUPS: llm, vision,
+    # vision_proj, cond_proj, decoder, dream_queries); unnamed ones train at lr. The schedule
+    # scales every group alike. e.g. `--set optim.lr_mults.llm=0.25`.
+    lr_mults: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +162,7 @@ class TrainConfig:
             (self.scaling.torch_threads >= 0, "scaling.torch_threads must be >= 0"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
+            *self._lr_mult_checks(),
             (self.model.stage in STAGES, f"model.stage must be one of {', '.join(STAGES)}"),
         ]
         for ok, message in checks:
@@ -168,6 +173,17 @@ class TrainConfig:
                 "train config: deepspeed.precision=bf16 needs GPUs (--gpu); CPU training runs in fp32"
             )
         return self
+
+    def _lr_mult_checks(self) -> list[tuple[bool, str]]:
+        from dreamcore.model import PARAM_GROUPS
+
+        checks = []
+        for name, mult in self.optim.lr_mults.items():
+            checks.append((name in PARAM_GROUPS, f"optim.lr_mults.{name}: unknown component; use one of "
+                                                 f"{', '.join(PARAM_GROUPS)}"))
+            ok = isinstance(mult, (int, float)) and not isinstance(mult, bool) and math.isfinite(mult) and mult > 0
+            checks.append((ok, f"optim.lr_mults.{name}={mult!r} must be a number > 0"))
+        return checks
 
     def _mixture_checks(self) -> list[tuple[bool, str]]:
         checks = []

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dreamcore.config import from_dict
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import OptimConfig, TrainConfig
 from pipelines.train.data import DataPosition, dataset_key, iterate_batches
 from pipelines.train.deepspeed_config import deepspeed_config
 from pipelines.train.metrics import MetricsWriter, mfu, peak_flops, progress_line, train_flops_per_token
@@ -225,7 +225,8 @@ def _build_engine(w: Worker, data_dir: Path) -> tuple[Any, Any, Any]:
         cast_frozen(model, torch.bfloat16)
     params = trainable_parameters(model)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=deepspeed_config(cfg, w.world), dist_init_required=False
+        model=model, model_parameters=optimizer_groups(model, cfg.optim), config=deepspeed_config(cfg, w.world),
+        dist_init_required=False,
     )
     if w.rank == 0:
         n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
@@ -279,6 +280,27 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     if not params:
         raise ValueError(f"stage {model.cfg.stage!r} leaves no trainable parameter; check apply_stage")
     return params
+
+
+def optimizer_groups(model: Any, optim: OptimConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: the lr-multiplied components (`optim.lr_mults`)
+    each in their own group at lr x mult, everything else first at lr (the logged lr is group 0's).
+
+    DeepSpeed's and torch's schedulers scale each group from its own initial lr, so the ratios hold
+    through warmup and decay. Each group keeps its `lr_mult` and component `name` for readers.
+    """
+    params = trainable_parameters(model)
+    named = model.named_groups()
+    owner = {id(p): name for name, ps in named.items() for p in ps}
+    base: list[torch.nn.Parameter] = []
+    by_name: dict[str, list[torch.nn.Parameter]] = {}
+    for p in params:
+        name = owner.get(id(p), "")
+        (by_name.setdefault(name, []) if name in optim.lr_mults else base).append(p)
+    groups = [{"params": base, "lr": optim.lr, "lr_mult": 1.0, "name": "base"}] if base else []
+    groups += [{"params": by_name[name], "lr": optim.lr * mult, "lr_mult": mult, "name": name}
+               for name, mult in optim.lr_mults.items() if name in by_name]
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------
