@@ -111,7 +111,7 @@ def prefix_reuse(text_replica, image, prompt: str, steps: int) -> dict:
 
 def offline_ratio(ckpt: str, steps: int) -> dict | None:
     out = Path(tempfile.mkdtemp(prefix="dreamcore-bench-serve-")) / "generate.json"
-    cmd = [sys.executable, str(REPO / "bench" / "generate.py"), "--checkpoint", ckpt, "--prompts", "32", "96",
+    cmd = [sys.executable, str(REPO / "bench" / "generate.py"), "--checkpoint", ckpt, "--prompts", "64", "512",
            "--steps", str(steps), "--json", str(out)]
     print("running:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
