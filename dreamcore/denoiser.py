@@ -137,10 +137,23 @@ class Denoiser(StepLoop):
         finished = [im for im in self._running if im.run.done]
         self._running = [im for im in self._running if not im.run.done]
         if finished:
-            pixels = self.decoder.pixels_uint8([im.run for im in finished])
+            try:
+                pixels = list(self.decoder.pixels_uint8([im.run for im in finished]))
+            except Exception:  # as for the step: image by image, so only the one that fails alone fails
+                log.exception("decoding %d finished images to pixels failed; retrying one by one", len(finished))
+                pixels = [self._pixels_alone(im) for im in finished]
             for im, px in zip(finished, pixels):
-                self._resolve(im, px)
+                if px is not None:
+                    self._resolve(im, px)
         return True
+
+    def _pixels_alone(self, im: _Image) -> np.ndarray | None:
+        try:
+            return self.decoder.pixels_uint8([im.run])[0]
+        except Exception as e:
+            log.exception("decoding one image to pixels failed")
+            self._fail(im, RuntimeError(f"the decoder failed on this image ({type(e).__name__}); retry"))
+            return None
 
     def _isolate(self) -> None:
         """After a failed batched step: step each image alone; fail only those that fail alone."""

@@ -114,6 +114,19 @@ def test_a_step_that_fails_in_a_batch_is_retried_per_image(decoder):
         broken.result()
 
 
+def test_images_that_cannot_share_a_call_are_drawn_alone_to_the_end(decoder):
+    """A trajectory whose sample has another size shares neither the UNet call nor the final
+    pixel batch with the others; both are retried image by image and every image comes back."""
+    den = Denoiser(decoder, max_batch_size=4)
+    normal = den.submit(_dream(1, 3))
+    small = den.submit(_dream(2, 3))
+    den._waiting[-1].run.x = torch.randn(3, 8, 8)  # half the side: stacks with no other image
+    while den.step():
+        pass
+    _close(normal.result(), _alone(decoder, _dream(1, 3)))
+    assert small.result().shape == (8, 8, 3)
+
+
 def test_waiting_is_bounded(decoder):
     den = Denoiser(decoder, max_batch_size=1, max_waiting=2, retry_after_s=3.0)
     den.submit(_dream(1))
