@@ -9,8 +9,12 @@ rest of its text stays random. Nothing in the server knows about this; it only c
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import torch
 from _model_helpers import debug_config
@@ -50,3 +54,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_app(tmp: Path, key: str, overrides: list[str], checkpoint_name: str = "ckpt") -> str:
+    """The nudged checkpoint served on the session's Ray with Bearer `key` and ServeConfig
+    `overrides`, on a free port; returns the base URL (pipelines.serve.shutdown() stops it)."""
+    from pipelines.serve import load_serve_config, start_local
+
+    ckpt = make_checkpoint(tmp / checkpoint_name)
+    key_file = tmp / "api-key"
+    key_file.write_text(key + "\n")
+    cfg = load_serve_config(None, overrides, checkpoint=str(ckpt), port=free_port(),
+                            auth={"api_key_file": str(key_file)})
+    return start_local(config=cfg, timeout_s=240)
+
+
+def post_raw(url: str, path: str, body: Any, key: str | None, headers: dict[str, str] | None = None,
+             timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, raw body) of a POST; 4xx/5xx are returned, not raised; bytes
+    bodies are sent as they are (broken JSON too)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+            **(headers or {})}
+    req = urllib.request.Request(url + path, data, hdrs, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()

@@ -95,7 +95,7 @@ def test_a_line_is_checked_exactly_as_the_server_checks_a_request():
     (line(id="x", prompt="p" * 9000), "invalid_request", "prompt: text is 9000 characters, more than the limit"),
     (line(id="x", parts=[{"type": "image", "image": "!!"}]), "invalid_request", "parts[0].image: is not valid base64"),
     (line(id="x", parts=[{"type": "image", "image": base64.b64encode(b"no image").decode()}]), "invalid_request",
-     "parts[0].image: is not a decodable image"),
+     "parts[0].image: is not a PNG or JPEG image"),
 ])
 def test_a_bad_line_is_dropped_with_a_reason_naming_the_field(raw, reason, says):
     got = parse_line(3, raw, GenerateConfig(), CARD)

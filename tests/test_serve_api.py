@@ -20,7 +20,7 @@ from pipelines.serve.api import (
     check_generate,
     check_images,
     decode_image,
-    validation_error_body,
+    validation_error,
 )
 from pipelines.serve.config import (
     DefaultsConfig,
@@ -53,7 +53,7 @@ def refused(body: dict, limits: LimitsConfig | None = None) -> RequestError:
 def invalid(body: dict, model: type[BaseModel] = GenerateRequest) -> dict:
     with pytest.raises(ValidationError) as e:
         model.model_validate(body)
-    return validation_error_body(e.value.errors())["error"]
+    return validation_error(e.value.errors())["error"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,8 +111,60 @@ def test_image_over_byte_and_pixel_caps():
 ])
 def test_schema_errors_name_the_field(body, field):
     err = invalid(body)
-    assert err["field"] == field, err
-    assert err["message"].startswith(field)
+    assert err["param"] == field, err
+    assert err["message"].startswith(field) and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"input": "a", "max_new_tokens": "2"}, "max_new_tokens"),  # no string-to-int
+    ({"input": "a", "stream": "yes"}, "stream"),  # no "yes" booleans
+    ({"input": "a", "stream": 1}, "stream"),
+    ({"input": "a", "temperature": "0.5"}, "temperature"),
+    ({"input": "a", "seed": 3.0}, "seed"),  # a float is not an int, even a whole one
+])
+def test_types_are_strict(body, field):
+    err = invalid(body)
+    assert err["param"] == field and err["code"] == "invalid_type", err
+    assert GenerateRequest.model_validate({"input": "a", "temperature": 1, "max_new_tokens": 2}).temperature == 1.0
+
+
+def test_malformed_json_names_the_body_not_a_character():
+    err = validation_error([{"type": "json_invalid", "loc": ("body", 14), "msg": "JSON decode error",
+                             "ctx": {"error": "Expecting value"}}])["error"]
+    assert err["param"] is None and err["code"] == "invalid_json"
+    assert err["message"] == "body: is not valid JSON (Expecting value at character 14)"
+
+
+def test_unencodable_text_is_refused_by_name():
+    assert refused({"input": "a \ud800 b"}).field == "input"
+    assert refused({"input": [{"type": "text", "text": "ok"}, {"type": "text", "text": "\udfff"}]}).field == "input[1].text"
+    assert invalid({"prompt": "x\ud800"}, ImagesRequest)["param"] == "prompt"  # pydantic's own check
+    with pytest.raises(RequestError) as e:  # and ours, should a request reach it another way
+        check_images(ImagesRequest.model_construct(prompt="x\ud800", n=1), LimitsConfig(), DefaultsConfig(), 20, 3.0,
+                     seed=1)
+    assert e.value.field == "prompt" and "surrogate" in e.value.message
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP", "WEBP"])
+def test_only_png_and_jpeg_images_are_accepted(fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format=fmt)
+    with pytest.raises(RequestError) as e:
+        decode_image(base64.b64encode(buf.getvalue()).decode(), "input[0].image", LimitsConfig())
+    assert e.value.status == 422 and "PNG or JPEG" in e.value.message
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(jpeg, format="JPEG")
+    assert decode_image(base64.b64encode(jpeg.getvalue()).decode(), "x", LimitsConfig()) == jpeg.getvalue()
+
+
+def test_a_decompression_bomb_is_413_whoever_notices_it():
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400 M pixels in a few kB
+    data = base64.b64encode(buf.getvalue()).decode()
+    for limits in (LimitsConfig(), LimitsConfig(max_image_pixels=10**12)):  # ours, then PIL's own cap
+        with pytest.raises(RequestError) as e:
+            decode_image(data, "x", limits)
+        assert e.value.status == 413, e.value
 
 
 def test_images_request_checks():
@@ -122,7 +174,7 @@ def test_images_request_checks():
     with pytest.raises(RequestError) as e:
         check_images(ImagesRequest(prompt="a", n=9), LimitsConfig(), DefaultsConfig(), 20, 3.0, seed=1)
     assert e.value.field == "n"
-    assert invalid({"prompt": ""}, ImagesRequest)["field"] == "prompt"
+    assert invalid({"prompt": ""}, ImagesRequest)["param"] == "prompt"
 
 
 def test_request_error_survives_pickling():
@@ -187,6 +239,15 @@ def _unknown_keys(data, model: type[BaseModel], where: str = "") -> list[str]:
                 if isinstance(item, dict):
                     out += _unknown_keys(item, inner[0], f"{where}{k}[{i}].")
     return out
+
+
+def test_default_sizes_fit_the_documented_node_with_room_for_a_replacement():
+    """The defaults are for a 2-CPU node: all deployments at max scale, plus the largest replica
+    again (a replacement for one that died), fit, so the replacement never waits for a downscale."""
+    cfg = ServeConfig()
+    deps = [cfg.llm, cfg.decoder, cfg.ingress]
+    at_max = sum(d.num_cpus * d.autoscaling.max_replicas for d in deps)
+    assert at_max + max(d.num_cpus for d in deps) <= 2.0, at_max
 
 
 def test_cluster_serve_yaml_is_valid_and_matches_the_builder():

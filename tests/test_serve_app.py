@@ -215,7 +215,7 @@ def test_images_endpoint_is_seeded(served):
 def test_bad_requests_get_4xx_naming_the_field(served, body, status, field):
     got, _, data = post(served, "/v1/generate", body)
     assert got == status, data
-    assert data["error"]["field"] == field and "Traceback" not in json.dumps(data)
+    assert data["error"]["param"] == field and "Traceback" not in json.dumps(data)
 
 
 def test_auth_and_open_endpoints(served):

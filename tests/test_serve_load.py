@@ -64,6 +64,9 @@ CLIENT_TIMEOUT_S = 60.0  # per request, end to end; a request past it is a hang
 # past 60 s the requests waiting for the new replica would hang (time out) anyway.
 RECOVERY_BOUND_S = 60.0
 VICTIM_WAIT_S = 20.0  # for the streamed victim's first token before the kill
+# A request that arrives while no LLM replica exists is answered 503 after at most the ingress's
+# recovery probe (ServeConfig.recovery_probe_s, 2 s) plus a busy machine's scheduling delays.
+DOWN_WAIT_BOUND_S = 8.0
 RSS_FROM_S, RSS_TO_S, RSS_TOLERANCE = 10.0, 60.0, 0.10
 RETRY_AFTER_S = 1
 REPLICA_FAILED = "a model replica failed while serving this request"  # Ingress._call on RayActorError
@@ -245,6 +248,12 @@ class LoadRun:
         ends = [r.ended for r in self.records if r.kind != "images" and r.started > self.kill_s and r.ok]
         return min(ends) - self.kill_s if ends else None
 
+    def started_while_down(self) -> list[Record]:
+        """Requests started from 1 s after the kill (when the ingress has seen the replica fail) until
+        the recovery: no LLM replica exists for them, so they must be answered at once, not queued."""
+        end = self.kill_s + (self.recovered_s if self.recovered_s is not None else RECOVERY_BOUND_S)
+        return [r for r in self.records if self.kill_s + 1 <= r.started < end and r.client != -3]
+
     def in_flight_at_kill(self) -> list[Record]:
         return [r for r in self.records if r.started < self.kill_s < r.ended]
 
@@ -403,6 +412,10 @@ def _report(run: LoadRun) -> None:
     rec = run.recovered_s
     print(f"  time to recovery: {'none' if rec is None else f'{rec:.1f} s'} (bound {RECOVERY_BOUND_S:.0f} s); "
           f"new LLM pid {run.after['stats']['llm']['pid']}")
+    down = run.started_while_down()
+    print(f"  started while no LLM replica existed: {len(down)} "
+          f"({dict(Counter(r.outcome for r in down))}), longest wait "
+          f"{max((r.latency for r in down), default=0):.2f} s (bound {DOWN_WAIT_BOUND_S:.0f} s)")
     mib = {k: tuple(None if v is None else round(v / 2**20, 1) for v in pair) for k, pair in run.rss_pairs().items()}
     print(f"  RSS MiB at 10 s -> 60 s (the LLM: -> before the kill): {mib}")
     caught = Counter(r.outcome + (" (replica failed)" if REPLICA_FAILED in r.error else "")
@@ -440,6 +453,18 @@ def test_no_request_hangs_past_its_timeout(load, record_property):
     assert load.after["stuck_threads"] == 0
 
 
+def test_no_request_waits_for_a_replica_that_does_not_exist(load, record_property):
+    """While the LLM deployment has no replica, the ingress answers 503 + Retry-After within a probe's
+    time instead of queueing the request until the replacement starts."""
+    down = load.started_while_down()
+    longest = max((r.latency for r in down), default=0.0)
+    record_property("started_while_down", len(down))
+    record_property("longest_wait_while_down_s", round(longest, 2))
+    assert down, "no request was sent while the replica was being replaced"
+    assert all(r.ok or r.retryable for r in down), [r for r in down if not (r.ok or r.retryable)][:5]
+    assert longest <= DOWN_WAIT_BOUND_S, sorted(down, key=lambda r: -r.latency)[:3]
+
+
 def test_replica_rss_is_flat(load, record_property):
     """RSS within 10% of its value at 10 s (warm-up is over by then; a leak grows with the requests
     served): at 60 s for the decoder and the ingress, which were not killed; for the LLM replica,
@@ -471,6 +496,7 @@ def test_killed_llm_replica_fails_retryably_and_recovers(load, record_property):
     assert text.ok or text.retryable, text
     for r in failed:
         assert r.retryable and not r.hang, r
+        assert not any(leak in r.error for leak in ("Traceback", "pid=", "ActorID", "ray::", ".venv")), r.error
         assert load.kill_s < r.ended < load.kill_s + 30, (r, load.kill_s)  # failed fast, after the kill
     assert all(r.ok or r.retryable for r in caught), [r for r in caught if not (r.ok or r.retryable)]
     assert recovered is not None and recovered <= RECOVERY_BOUND_S, (recovered, load.counts())

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: the mapping alone, then the real `openai` client and fuzzing over HTTP.
+"""The OpenAI-compatible routes: the mapping alone, then the real `openai` client, and fuzzing of every
+POST route (OpenAI's and the native ones) over HTTP.
 
 Unit tests call pipelines/serve/openai_api.py directly (no Ray). The end-to-end tests start the
 real Serve app on the session's Ray with the tiny nudged checkpoint of _serve_helpers (it draws an
@@ -28,7 +29,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from dreamcore.engine import Drawn
-from pipelines.serve.api import RequestError
+from pipelines.serve.api import RequestError, validation_error
 from pipelines.serve.config import DefaultsConfig, LimitsConfig
 from pipelines.serve.openai_api import (
     MAX_STOP,
@@ -41,11 +42,10 @@ from pipelines.serve.openai_api import (
     check_image_generation,
     from_request_error,
     is_openai_path,
-    validation_error,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _serve_helpers import free_port, make_checkpoint  # noqa: E402
+from _serve_helpers import post_raw, start_app  # noqa: E402
 
 KEY = "openai-test-key-0123456789"
 MODEL = "ckpt"  # the served model's id: the checkpoint folder's name
@@ -173,7 +173,7 @@ def test_schema_errors_in_openai_shape(body, param, code):
     with pytest.raises(ValidationError) as e:
         ChatCompletionRequest.model_validate(body)
     errors = [{**x, "loc": ("body", *x["loc"])} for x in e.value.errors()]  # as FastAPI reports them
-    err = validation_error(errors)["error"]
+    err = validation_error(errors, 400)["error"]
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
     assert err["message"].startswith(param)
 
@@ -232,22 +232,16 @@ def test_builder_streams_what_it_answers():
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     """The Serve app on the session's Ray, sized so every fuzzed request is cheap (small limits)."""
-    from pipelines.serve import load_serve_config, shutdown, start_local
+    from pipelines.serve import shutdown
 
-    tmp = tmp_path_factory.mktemp("serve-openai")
-    ckpt = make_checkpoint(tmp / MODEL)
-    key_file = tmp / "api-key"
-    key_file.write_text(KEY + "\n")
-    cfg = load_serve_config(None, [
+    yield start_app(tmp_path_factory.mktemp("serve-openai"), KEY, [
         "llm.num_cpus=0", "decoder.num_cpus=0", "ingress.num_cpus=0",  # the session's Ray has 2 CPUs
         "llm.autoscaling.max_replicas=1", "decoder.autoscaling.max_replicas=1",
         "ingress.autoscaling.max_replicas=1",
         "limits.max_new_tokens=40", "limits.max_images=2", "limits.max_inference_steps=3",
         "limits.max_images_per_request=2", "limits.max_prompt_chars=2000", "limits.max_input_images=2",
         "defaults.max_new_tokens=8", "defaults.max_images=1", "defaults.num_inference_steps=2",
-    ], checkpoint=str(ckpt), port=free_port(), auth={"api_key_file": str(key_file)})
-    url = start_local(config=cfg, timeout_s=240)
-    yield url
+    ], checkpoint_name=MODEL)
     shutdown()
 
 
@@ -257,15 +251,7 @@ def client(served) -> openai.OpenAI:
 
 
 def post(url: str, path: str, body: Any, key: str | None = KEY, timeout: float = 120) -> tuple[int, dict, bytes]:
-    """(status, headers, raw body) of a POST; `body` bytes are sent as they are (broken JSON too)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(url + path, data, headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+    return post_raw(url, path, body, key, timeout=timeout)
 
 
 def decode_png(b64: str) -> Image.Image:
@@ -396,13 +382,14 @@ def test_wrong_key_and_bad_requests_raise_the_clients_errors(client, served):
         client.chat.completions.create(**{**CHAT, "model": "gpt-4o"})
     assert e.value.body["code"] == "model_not_found"
     try:  # FastAPI's own refusals (here a wrong method) take OpenAI's shape on these routes too
-        urllib.request.urlopen(f"{served}/v1/chat/completions", timeout=30)
+        urllib.request.urlopen(urllib.request.Request(f"{served}/v1/chat/completions",
+                                                      headers={"Authorization": f"Bearer {KEY}"}), timeout=30)
         raise AssertionError("GET /v1/chat/completions was answered")
     except urllib.error.HTTPError as err:
         assert err.code == 405 and json.loads(err.read())["error"]["code"] == "method_not_allowed"
-    # The native routes keep their own error shape.
+    # The native routes answer in the same shape, with their own statuses (422, not 400).
     status, _, raw = post(served, "/v1/generate", {"input": "a", "bogus": 1})
-    assert status == 422 and json.loads(raw)["error"]["field"] == "bogus"
+    assert status == 422 and json.loads(raw)["error"]["param"] == "bogus"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,6 +453,9 @@ HINTS: dict[str, st.SearchStrategy] = {
     "n": st.sampled_from([1, 1, 1, 2]),  # chat takes 1 only, images up to the limit 2
     "num_inference_steps": st.integers(1, 2),
     "guidance_scale": st.floats(1.0, 3.0),
+    # the native routes' own fields
+    "image": st.sampled_from([PNG_URL.split(",", 1)[1], "AAAA", "%%%"]),
+    "max_new_tokens": st.integers(1, 12),
 }
 
 JUNK = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
@@ -478,7 +468,8 @@ def broken(valid: st.SearchStrategy) -> st.SearchStrategy:
     def drop(body: dict, key: str) -> dict:
         return {k: v for k, v in body.items() if k != key}
 
-    some_key = st.sampled_from(["model", "messages", "prompt", "n", "size", "stop", "temperature", "seed"])
+    some_key = st.sampled_from(["model", "messages", "prompt", "n", "size", "stop", "temperature", "seed", "input",
+                                "max_new_tokens", "stream"])
     return st.one_of(
         st.builds(drop, valid, some_key),
         st.builds(lambda b, k, v: {**b, k: v}, valid, some_key, JUNK),
@@ -489,13 +480,23 @@ def broken(valid: st.SearchStrategy) -> st.SearchStrategy:
 
 
 def check_answer(status: int, headers: dict[str, str], raw: bytes) -> None:
-    """200 with a well-formed body, or a 4xx/503 with OpenAI's error body; never a 5xx crash."""
+    """200 with a well-formed body, or a 4xx/503 with the one error body; never a 5xx crash."""
     assert status == 200 or 400 <= status < 500 or status == 503, (status, raw[:300])
     if status != 200:
         err = json.loads(raw)["error"]
-        assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str), err
+        assert set(err) == {"message", "type", "param", "code", "request_id"} and isinstance(err["message"], str), err
+        assert err["request_id"] == headers["x-request-id"], (err, headers)
         assert "Traceback" not in err["message"] and "/tmp" not in err["message"]
         assert status != 503 or "retry-after" in headers
+        return
+    if headers["content-type"].startswith("text/event-stream") and raw.startswith(b"event: "):
+        events = [e.split("\n", 1) for e in raw.decode().split("\n\n") if e]  # native: events, then done or error
+        assert all(kind.startswith("event: ") and data.startswith("data: ") for kind, data in events), events[-3:]
+        kind, data = events[-1]
+        assert kind in ("event: done", "event: error"), events[-3:]
+        if kind == "event: error":
+            err = json.loads(data.removeprefix("data: "))
+            assert err["status"] in (413, 422, 503) and "Traceback" not in err["message"], err
         return
     if headers["content-type"].startswith("text/event-stream"):
         lines = [ln for ln in raw.decode().split("\n") if ln]
@@ -505,7 +506,12 @@ def check_answer(status: int, headers: dict[str, str], raw: bytes) -> None:
             assert "error" in data or data["object"] == "chat.completion.chunk", data
         return
     data = json.loads(raw)
-    assert data.get("object") == "chat.completion" or len(data["data"]) >= 1, data
+    if "parts" in data:  # native /v1/generate
+        assert data["finish_reason"] in ("eos", "length") and data["usage"]["images"] <= 2, data
+    elif "images" in data:  # native /v1/images
+        assert len(data["images"]) >= 1 and all(p["type"] == "image" for p in data["images"]), data
+    else:
+        assert data.get("object") == "chat.completion" or len(data["data"]) >= 1, data
 
 
 def fuzz(served: str, path: str, data: st.DataObject, valid: st.SearchStrategy) -> None:
@@ -533,14 +539,8 @@ FUZZ = settings(max_examples=25, deadline=None, database=None, suppress_health_c
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/images/generations", "/v1/generate", "/v1/images"])
 @FUZZ
 @given(data=st.data())
-def test_fuzz_chat_completions(served, data):
-    fuzz(served, "/v1/chat/completions", data, request_schema(served, "/v1/chat/completions"))
-
-
-@pytest.mark.e2e
-@FUZZ
-@given(data=st.data())
-def test_fuzz_image_generations(served, data):
-    fuzz(served, "/v1/images/generations", data, request_schema(served, "/v1/images/generations"))
+def test_fuzz_route(served, path, data):
+    fuzz(served, path, data, request_schema(served, path))

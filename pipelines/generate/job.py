@@ -50,7 +50,7 @@ from dreamcore.engine import TextEngine
 from dreamcore.generate import Document, GenerationParams, image_seed
 from dreamcore.schema import GENERATED_DOCUMENT_SCHEMA, GENERATED_SCHEMA_VERSION, GENERATION_STATE_SCHEMA
 from pipelines.ray_env import ray_init
-from pipelines.serve.api import GenerateRequest, RequestError, check_generate, validation_error_body
+from pipelines.serve.api import GenerateRequest, RequestError, check_generate, validation_error
 from pipelines.serve.replicas import ImageReplica, TextReplica, model_card
 
 from .config import GenerateConfig
@@ -139,7 +139,7 @@ def parse_line(line: int, raw: bytes, cfg: GenerateConfig, card: dict[str, Any])
         parts, params = check_generate(req, cfg.limits, cfg.defaults, card["num_inference_steps"],
                                        card["guidance_scale"], seed=derive_seed(cfg.seed, doc_id))
     except ValidationError as e:
-        message = validation_error_body(list(e.errors()))["error"]["message"]
+        message = validation_error(list(e.errors()))["error"]["message"]
     except RequestError as e:
         message = str(e)
     else:

@@ -33,8 +33,77 @@ class RequestError(Exception):
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"field": self.field, "message": f"{self.field}: {self.message}"}}
+    @property
+    def param(self) -> str | None:
+        """The request field at fault (None when the fault is not the request's: the server, the key)."""
+        return None if self.field in ("server", "Authorization") else self.field
+
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        return error_body(str(self) if self.param else self.message, self.status, self.param,
+                          request_id=request_id)
+
+
+# HTTP status -> (error type, default code): OpenAI's error vocabulary, which every route answers in.
+_ERROR_TYPES: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", "invalid_value"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", "permission_denied"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    422: ("invalid_request_error", "invalid_value"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    503: ("server_error", "overloaded"),
+    504: ("server_error", "timeout"),
+}
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None,
+               request_id: str | None = None) -> dict[str, Any]:
+    """The one error body of every route and status: OpenAI's `{"error": {message, type, param,
+    code}}`, plus the `request_id` under which the server logged the request."""
+    type_, default_code = _ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    err: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code or default_code}
+    if request_id:
+        err["request_id"] = request_id
+    return {"error": err}
+
+
+# Discriminator tags of the request unions: pydantic puts them in an error's path after a list index.
+_TAGS = {"text", "image", "system", "developer", "user", "assistant", "image_url"}
+
+
+def validation_error(errors: list[dict[str, Any]], status: int = 422, request_id: str | None = None
+                     ) -> dict[str, Any]:
+    """FastAPI/pydantic errors -> the error body naming the most specific problem by its field path."""
+    if not errors:
+        errors = [{"loc": ("body",), "msg": "invalid request", "type": "value_error"}]
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # unions report one error per member
+    kind = first.get("type", "")
+    msg = first.get("msg", "invalid value")
+    code = "invalid_type" if kind.endswith("_type") else "invalid_value"
+    path, prev_index = "", False
+    for i, x in enumerate(first.get("loc", ())):
+        x = str(x)
+        if (i == 0 and x == "body") or "[" in x or x == "str" or (prev_index and x in _TAGS):
+            prev_index = False  # the request root, union member labels, a discriminator tag
+            continue
+        prev_index = x.isdigit()
+        path += f"[{x}]" if prev_index else (f".{x}" if path else x)
+    if kind == "extra_forbidden":
+        msg, code = "unrecognized request argument; this server does not support it (see /docs)", "unknown_parameter"
+    elif kind == "missing":
+        msg, code = "missing required parameter", "missing_required_parameter"
+    elif kind == "json_invalid":  # its path is the character position, not a field
+        where = first.get("loc", ("body", "?"))[-1]
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        msg, code, path = f"is not valid JSON ({reason} at character {where})", "invalid_json", ""
+    if path.startswith("["):
+        path = "body" + path  # the body itself is a list
+    where = path or "body"
+    return error_body(f"{where}: {msg}", status, path or None, code, request_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +111,9 @@ class RequestError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelled field is an error, not ignored
+    # A misspelled field is an error, not ignored; and types are strict: "2" is not an int, "yes"
+    # is not a boolean (a client that sends them has a bug worth hearing about).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -138,6 +209,18 @@ class ModelList(BaseModel):
 # Checked requests: what the deployments receive
 
 
+IMAGE_FORMATS = ("PNG", "JPEG")  # what the docs promise and the model's image pipeline is tested on
+
+
+def check_text(text: str, field: str) -> str:
+    """`text` if it can be encoded (JSON lets a lone surrogate like "\\ud800" through; the tokenizer cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(field, f"has an unpaired surrogate at character {e.start}; send valid Unicode text") from None
+    return text
+
+
 def decode_image(data: str, field: str, limits: LimitsConfig) -> bytes:
     """base64 -> PNG/JPEG bytes that PIL can read, within the byte and pixel caps; else RequestError."""
     if data.startswith("data:"):
@@ -152,7 +235,7 @@ def decode_image(data: str, field: str, limits: LimitsConfig) -> bytes:
     if len(raw) > limits.max_image_bytes:
         raise RequestError(field, f"image is larger than {limits.max_image_bytes} bytes", 413)
     try:
-        with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as im:  # reads the header only
             w, h = im.size
             if w * h > limits.max_image_pixels:
                 raise RequestError(
@@ -161,6 +244,10 @@ def decode_image(data: str, field: str, limits: LimitsConfig) -> bytes:
             im.load()  # a truncated or corrupt file fails here, not in the model replica
     except RequestError:
         raise
+    except Image.DecompressionBombError:  # PIL's own cap, when it is below ours
+        raise RequestError(field, f"image has more than {limits.max_image_pixels} pixels", 413) from None
+    except Image.UnidentifiedImageError:
+        raise RequestError(field, f"is not a {' or '.join(IMAGE_FORMATS)} image (other formats are not accepted)") from None
     except Exception as e:  # PIL raises many types for undecodable data
         raise RequestError(field, f"is not a decodable image ({type(e).__name__}: {e})") from None
     return raw
@@ -199,7 +286,7 @@ def check_generate(
     for i, p in enumerate(parts_in):
         where = "input" if isinstance(req.input, str) else f"input[{i}]"
         if isinstance(p, TextPart):
-            parts.append(p.text)
+            parts.append(check_text(p.text, where if isinstance(req.input, str) else f"{where}.text"))
         else:
             parts.append(decode_image(p.image, f"{where}.image", limits))
     max_new = req.max_new_tokens or defaults.max_new_tokens
@@ -223,32 +310,10 @@ def check_images(
     model_guidance: float, seed: int,
 ) -> tuple[str, int, dict[str, Any]]:
     """Validate a /v1/images request: (prompt, n, {seed, num_inference_steps, guidance_scale})."""
+    check_text(req.prompt, "prompt")
     if len(req.prompt) > limits.max_prompt_chars:
         raise RequestError("prompt", f"is {len(req.prompt)} characters, more than the limit {limits.max_prompt_chars}", 413)
     if req.n > limits.max_images_per_request:
         raise RequestError("n", f"{req.n} is more than the limit {limits.max_images_per_request}")
     return req.prompt, req.n, _sampling(req, limits, defaults, model_steps, model_guidance, seed)
 
-
-def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """FastAPI/pydantic errors -> our error body: the most specific problem, named by its field path."""
-    if not errors:
-        errors = [{"loc": ("body",), "msg": "invalid request"}]
-    # `input: str | list[Part]` reports one error per union member; the deepest is the real one.
-    first = max(errors, key=lambda e: len(e.get("loc", ())))
-    path = ""
-    prev_index = False
-    for x in first.get("loc", ()):
-        x = str(x)
-        if prev_index and x in ("text", "image"):
-            prev_index = False  # the discriminator tag after a list index; the field follows
-            continue
-        if x == "body" or "[" in x or x == "str":
-            continue  # request root, union member labels
-        prev_index = x.isdigit()
-        path += f"[{x}]" if prev_index else (f".{x}" if path else x)
-    field = path or "body"
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "extra_forbidden":
-        msg = "is not a known field (see /docs for the request schema)"
-    return {"error": {"field": field, "message": f"{field}: {msg}", "errors": len(errors)}}

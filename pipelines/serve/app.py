@@ -20,7 +20,8 @@ from ray.serve import Application
 
 from dreamcore.config import ConfigError, load_config, merge, to_dict
 from pipelines.serve.config import ServeConfig, deployment_options, load_serve_config
-from pipelines.serve.deployments import ImageDecoder, Ingress, LLMServer, _is_loopback
+from pipelines.serve.deployments import ImageDecoder, Ingress, LLMServer
+from pipelines.serve.guard import is_loopback
 
 log = logging.getLogger("dreamcore.serve")
 
@@ -112,7 +113,7 @@ def start_local(
         cfg = load_serve_config(config, overrides)
     values = {k: v for k, v in {"checkpoint": checkpoint, "host": host, "port": port}.items() if v is not None}
     cfg = merge(cfg, values) if values else cfg
-    if not _has_key(cfg) and not _is_loopback(cfg.host):
+    if not _has_key(cfg) and not is_loopback(cfg.host):
         log.warning("no API key configured (auth.api_key_file or $%s): binding to 127.0.0.1, not %s",
                     cfg.auth.api_key_env, cfg.host)
         cfg = merge(cfg, {"host": "127.0.0.1"})

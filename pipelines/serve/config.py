@@ -2,8 +2,10 @@
 
 The same values reach Ray Serve two ways: `dreamcore serve` turns them into deployment options
 (`deployment_options`), and `cluster/serve.yaml` spells them out for `serve run` / `serve deploy` /
-KubeRay (a test checks that the two agree). Defaults are sized for one small CPU node; the reasons
-for each number are in docs/operations.md ("Serving").
+KubeRay (a test checks that the two agree). Defaults are sized for one small CPU node (2 CPUs): every
+deployment at its max_replicas plus one replacement replica fit its CPU budget, so a replica that
+dies is replaced at once rather than after another deployment scales down. The reasons for each
+number are in docs/operations.md ("Serving").
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class LimitsConfig:
     max_images_per_request: int = 4  # /v1/images `n`
     max_inference_steps: int = 100
     max_guidance_scale: float = 30.0
+    # The whole HTTP body, checked before it is read (pipelines/serve/guard.py): room for
+    # max_input_images images of max_image_bytes in base64 (4/3 larger) plus the prompt.
+    max_body_bytes: int = 24 * 1024 * 1024
 
 
 @dataclass
@@ -92,7 +97,7 @@ def _llm_defaults() -> LLMSettings:
             min_replicas=1, max_replicas=2, target_ongoing_requests=8, upscale_delay_s=10,
             downscale_delay_s=120, look_back_period_s=10, metrics_interval_s=2,
         ),
-        max_ongoing_requests=16, max_queued_requests=64, num_cpus=0.5, max_batch_size=8,
+        max_ongoing_requests=16, max_queued_requests=64, num_cpus=0.25, max_batch_size=8,
     )
 
 
@@ -103,7 +108,7 @@ def _decoder_defaults() -> DeploymentSettings:
             min_replicas=1, max_replicas=4, target_ongoing_requests=2, upscale_delay_s=5,
             downscale_delay_s=120, look_back_period_s=10, metrics_interval_s=2,
         ),
-        max_ongoing_requests=8, max_queued_requests=32, num_cpus=0.5, max_batch_size=8,
+        max_ongoing_requests=8, max_queued_requests=32, num_cpus=0.25, max_batch_size=8,
     )
 
 
@@ -114,7 +119,7 @@ def _ingress_defaults() -> DeploymentSettings:
             min_replicas=1, max_replicas=2, target_ongoing_requests=32, upscale_delay_s=10,
             downscale_delay_s=120, look_back_period_s=10, metrics_interval_s=2,
         ),
-        max_ongoing_requests=64, max_queued_requests=128, num_cpus=0.25, max_batch_size=1,
+        max_ongoing_requests=64, max_queued_requests=128, num_cpus=0.1, max_batch_size=1,
     )
 
 
@@ -132,6 +137,9 @@ class ServeConfig:
     request_timeout_s: float = 300.0  # end to end, per HTTP request (Serve answers 408 after)
     call_timeout_s: float = 120.0  # one LLM or decoder call from the ingress (504 after)
     retry_after_s: float = 2.0  # Retry-After of 503 answers under overload
+    # After a replica failure: how long the ingress waits for a replica to answer a probe before
+    # answering 503 at once (requests do not queue for a replica that does not exist yet).
+    recovery_probe_s: float = 2.0
     llm: LLMSettings = field(default_factory=_llm_defaults)
     decoder: DeploymentSettings = field(default_factory=_decoder_defaults)
     ingress: DeploymentSettings = field(default_factory=_ingress_defaults)

@@ -15,7 +15,6 @@ step thread so the replica's event loop keeps answering health checks and queue 
 
 import asyncio
 import base64
-import ipaddress
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -47,9 +45,11 @@ from pipelines.serve.api import (
     RequestError,
     check_generate,
     check_images,
-    validation_error_body,
+    error_body,
+    validation_error,
 )
 from pipelines.serve.config import ServeConfig
+from pipelines.serve.guard import GuardSettings, RequestGuard
 from pipelines.serve.openai_api import (
     SSE_DONE,
     ChatCompletion,
@@ -60,13 +60,11 @@ from pipelines.serve.openai_api import (
     ImagesResponseOut,
     check_chat,
     check_image_generation,
-    error_body,
     from_request_error,
     images_response,
     is_openai_path,
     sse,
     usage,
-    validation_error,
 )
 from pipelines.serve.replicas import DecodedImage, DecodeRefused, ImageReplica, TextReplica
 
@@ -184,29 +182,41 @@ app = FastAPI(
 )
 
 
+app.add_middleware(RequestGuard)  # request id, auth and body limit before any body is read
+
+
+def _rid(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    if is_openai_path(request.url.path):  # OpenAI's body and status (400) on the OpenAI routes
-        return JSONResponse(validation_error(list(exc.errors())), status_code=400)
-    return JSONResponse(validation_error_body(list(exc.errors())), status_code=422)
+    status = 400 if is_openai_path(request.url.path) else 422  # OpenAI answers 400 where we say 422
+    return JSONResponse(validation_error(list(exc.errors()), status, _rid(request)), status_code=status)
 
 
 @app.exception_handler(RequestError)
 async def _refused(request: Request, exc: RequestError) -> JSONResponse:
     headers = getattr(exc, "headers", None)
     if is_openai_path(request.url.path):
-        status, body = from_request_error(exc)
+        status, body = from_request_error(exc, _rid(request))
         return JSONResponse(body, status_code=status, headers=headers)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(_rid(request)), status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    """FastAPI's own refusals (an unparsable body, a wrong method) in OpenAI's shape on its routes."""
-    if is_openai_path(request.url.path):
-        return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code,
-                            headers=exc.headers)
-    return await http_exception_handler(request, exc)
+    """FastAPI's own refusals (a body it cannot parse, a wrong method or path) in the one error shape."""
+    status, message, param = exc.status_code, str(exc.detail), None
+    if status == 400 and message == "There was an error parsing the body":  # e.g. JSON nested too deeply
+        status = 400 if is_openai_path(request.url.path) else 422
+        message, param = "body: could not be parsed as JSON (is it nested too deeply?)", "body"
+    elif status == 404:
+        message = f"{request.url.path}: no such route (see /docs)"
+    elif status == 405:
+        message = f"{request.method} {request.url.path}: method not allowed (see /docs)"
+    return JSONResponse(error_body(message, status, param, request_id=_rid(request)), status_code=status,
+                        headers=exc.headers)
 
 
 class _Unavailable(RequestError):
@@ -230,13 +240,6 @@ def read_api_key(key_file: str | None, key_env: str) -> str | None:
     return os.environ.get(key_env) or None
 
 
-def _is_loopback(host: str | None) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _image_part(img: DecodedImage) -> dict[str, Any]:
     return {"type": "image", "image": base64.b64encode(img.png).decode(), "seed": img.seed,
             "width": img.width, "height": img.height}
@@ -258,7 +261,14 @@ class Ingress:
         self.llm = llm
         self.decoder = decoder
         self.api_key = read_api_key(self.cfg.auth.api_key_file, self.cfg.auth.api_key_env)
+        # What the RequestGuard middleware enforces before any route runs (pipelines/serve/guard.py).
+        app.state.guard = GuardSettings(self.api_key, self.cfg.auth.api_key_env, self.cfg.limits.max_body_bytes)
         self._model: dict[str, Any] | None = None
+        # Deployments seen losing a replica (name -> its handle) and the probe that asks whether one
+        # answers again: while it does not, requests get 503 + Retry-After at once instead of
+        # waiting in Serve's queue for a replica that does not exist yet.
+        self._down: dict[str, DeploymentHandle] = {}
+        self._probes: dict[str, asyncio.Task] = {}
         # OpenAI's model `created`: when the checkpoint was written (this replica's start if its
         # folder is on another node).
         card = Path(self.cfg.checkpoint, "config.json")
@@ -273,26 +283,10 @@ class Ingress:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            client = request.client.host if request.client else None
-            if not _is_loopback(client):
-                raise RequestError(
-                    "Authorization",
-                    f"this server has no API key configured and answers loopback clients only (you are "
-                    f"{client}); configure auth.api_key_file or ${self.cfg.auth.api_key_env} to serve others",
-                    403,
-                )
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
-            err = RequestError("Authorization", "missing or wrong Bearer key (send 'Authorization: Bearer <key>')", 401)
-            err.headers = {"WWW-Authenticate": "Bearer"}
-            raise err
+    async def _call(self, response: Any, deployment: str = "", handle: DeploymentHandle | None = None) -> Any:
+        """Await a DeploymentResponse with the per-call timeout; map overload and crashes to 503/504.
 
-    async def _call(self, response: Any) -> Any:
-        """Await a DeploymentResponse with the per-call timeout; map overload and crashes to 503/504."""
+        A replica failure marks `deployment` as recovering (see `_ready`)."""
         retry = self.cfg.retry_after_s
         try:
             return await asyncio.wait_for(response, self.cfg.call_timeout_s)
@@ -302,12 +296,42 @@ class Ingress:
             response.cancel()
             raise _Unavailable(f"the model did not answer within {self.cfg.call_timeout_s} s", retry, 504) from None
         except RayActorError:
-            # The replica died mid-request; Serve is replacing it. The client may retry at once.
+            # The replica died mid-request; Serve is replacing it. The client may retry.
+            if handle is not None:
+                self._down[deployment] = handle
             raise _Unavailable("a model replica failed while serving this request; retry", retry) from None
+
+    async def _ready(self, deployment: str) -> None:
+        """503 + Retry-After at once while `deployment` has lost a replica and none answers yet.
+
+        After a replica failure, one probe at a time (`info`, answered by the replica's event loop
+        even while its model thread is busy) asks whether a replica answers within
+        `recovery_probe_s`; concurrent requests share it. The first answer ends the recovery."""
+        handle = self._down.get(deployment)
+        if handle is None:
+            return
+        probe = self._probes.get(deployment)
+        if probe is None or probe.done():
+            probe = self._probes[deployment] = asyncio.ensure_future(self._probe(handle))
+        try:
+            await asyncio.shield(probe)
+        except Exception:  # timed out, or answered by another dying replica
+            raise _Unavailable(f"the {deployment} has no healthy replica right now (one failed and Serve is "
+                               f"replacing it); retry in a few seconds", self.cfg.retry_after_s) from None
+        self._down.pop(deployment, None)
+
+    async def _probe(self, handle: DeploymentHandle) -> None:
+        response = handle.info.remote()
+        try:
+            await asyncio.wait_for(response, self.cfg.recovery_probe_s)
+        except asyncio.TimeoutError:
+            response.cancel()  # leave no probe queued for the replacement
+            raise
 
     async def _model_info(self) -> dict[str, Any]:
         if self._model is None:
-            self._model = await self._call(self.llm.info.remote())
+            await self._ready("LLMServer")
+            self._model = await self._call(self.llm.info.remote(), "LLMServer", self.llm)
         return self._model
 
     # -- routes ----------------------------------------------------------------------------------
@@ -319,7 +343,6 @@ class Ingress:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
         info = await self._model_info()
         card = {"id": info["id"], "object": "model", "created": self.created, "owned_by": "dreamcore",
                 "config": info["config"]}  # OpenAI's model object; `config` is dreamcore's
@@ -329,7 +352,6 @@ class Ingress:
               responses={200: {"content": {"text/event-stream": {}}}})
     async def generate(self, body: GenerateRequest, request: Request):
         """Continue an interleaved prompt; images appear where the model emits <dream_start>."""
-        self._authorize(request)
         info = await self._model_info()
         parts, params = check_generate(
             body, self.cfg.limits, self.cfg.defaults, info["num_inference_steps"], info["guidance_scale"],
@@ -337,9 +359,8 @@ class Ingress:
         )
         rid = f"gen-{uuid.uuid4().hex[:16]}"
         if body.stream:
-            return StreamingResponse(self._stream(rid, info["id"], parts, params),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+            return StreamingResponse(self._stream(rid, info["id"], parts, params, request.state.request_id),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         out: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
         async for kind, data in self._document(Document(parts, params)):
@@ -349,17 +370,22 @@ class Ingress:
                 summary = data
         return {"id": rid, "model": info["id"], "parts": out, **summary}
 
-    async def _stream(self, rid: str, model: str, parts: list[str | bytes], params: GenerationParams
-                      ) -> AsyncIterator[bytes]:
+    async def _stream(self, rid: str, model: str, parts: list[str | bytes], params: GenerationParams,
+                      request_id: str) -> AsyncIterator[bytes]:
         try:
             async for kind, data in self._document(Document(parts, params), stream=True):
                 yield _sse(kind, {"id": rid, "model": model, **data} if kind == "done" else data)
         except RequestError as e:  # headers are already sent: report in-band, then end the stream
-            data: dict[str, Any] = {"status": e.status, "message": str(e)}
+            data: dict[str, Any] = {"status": e.status, "message": str(e), "request_id": request_id}
             retry = (getattr(e, "headers", None) or {}).get("Retry-After")
             if retry is not None:  # a retryable failure (a replica died, overload): when to come back
                 data["retry_after"] = int(retry)
             yield _sse("error", data)
+        except Exception:  # never a traceback to the client; the log has it under the request id
+            log.exception("generate stream %s (request %s) failed", rid, request_id)
+            yield _sse("error", {"status": 500, "request_id": request_id,
+                                 "message": f"the server failed while generating; it is logged under request id "
+                                            f"{request_id}; retry"})
 
     @staticmethod
     def _checked(res: TextResult) -> TextResult:
@@ -370,7 +396,8 @@ class Ingress:
         return res
 
     async def _text(self, request: TextRequest, session: str | None = None) -> TextResult:
-        return self._checked(await self._call(self.llm.generate.remote(request, session)))
+        await self._ready("LLMServer")
+        return self._checked(await self._call(self.llm.generate.remote(request, session), "LLMServer", self.llm))
 
     async def _round(self, request: TextRequest, session: str, stream: bool) -> AsyncIterator[str | TextResult]:
         """One text round of a document: with `stream`, each sampled token's text as it is decoded;
@@ -378,10 +405,11 @@ class Ingress:
         if not stream:
             yield await self._text(request, session)
             return
+        await self._ready("LLMServer")
         tokens = self.llm.options(stream=True).generate_stream.remote(request, session).__aiter__()
         while True:
             try:  # each token under the per-call timeout, overload and replica failures mapped as _call does
-                item = await self._call(asyncio.ensure_future(tokens.__anext__()))
+                item = await self._call(asyncio.ensure_future(tokens.__anext__()), "LLMServer", self.llm)
             except StopAsyncIteration:
                 raise _Unavailable("the model ended a round without its result; retry", self.cfg.retry_after_s) from None
             if isinstance(item, TextResult):
@@ -425,7 +453,6 @@ class Ingress:
     @app.post("/v1/images", response_model=ImagesResponse)
     async def images(self, body: ImagesRequest, request: Request) -> dict[str, Any]:
         """Text to image: the prompt's dream conditions, decoded `n` times with seeds seed..seed+n-1."""
-        self._authorize(request)
         info = await self._model_info()
         prompt, n, sp = check_images(body, self.cfg.limits, self.cfg.defaults, info["num_inference_steps"],
                                      info["guidance_scale"], seed=secrets.randbelow(2**31))
@@ -443,7 +470,8 @@ class Ingress:
 
     async def _image(self, dream: DreamConditions) -> DecodedImage:
         """One image from the decoder deployment; its refusals become 503 (busy) or 422 (bad input)."""
-        img = await self._call(self.decoder.decode.remote(dream))
+        await self._ready("ImageDecoder")
+        img = await self._call(self.decoder.decode.remote(dream), "ImageDecoder", self.decoder)
         if isinstance(img, DecodeRefused):
             if img.retry_after_s is not None:
                 raise _Unavailable(img.error, img.retry_after_s)
@@ -455,7 +483,6 @@ class Ingress:
     @app.post("/v1/images/generations", response_model=ImagesResponseOut)
     async def image_generations(self, body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
         """OpenAI's image generation: the /v1/images path, answered as base64 PNGs (`b64_json`)."""
-        self._authorize(request)
         info = await self._model_info()
         side = int(info["config"]["decoder"]["resolution"])
         prompt, n, sp = check_image_generation(
@@ -476,7 +503,6 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         """OpenAI's chat completions: the messages are the document prompt; the answer interleaves
         text and `image_url` parts (streamed as `chat.completion.chunk` events when `stream`)."""
-        self._authorize(request)
         info = await self._model_info()
         plan = check_chat(body, info["id"], self.cfg.limits, self.cfg.defaults, info["num_inference_steps"],
                           info["guidance_scale"], seed=secrets.randbelow(2**31))
@@ -484,8 +510,8 @@ class Ingress:
         chat = ChatCompletionBuilder(rid, int(time.time()), info["id"], plan.stop)
         doc = Document(plan.prompt, plan.params)
         if body.stream:
-            return StreamingResponse(self._chat_stream(chat, doc, plan), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+            return StreamingResponse(self._chat_stream(chat, doc, plan, request.state.request_id),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             async for _ in self._chat_deltas(chat, doc, stream=False):
                 pass
@@ -519,7 +545,7 @@ class Ingress:
         if tail:
             yield tail
 
-    async def _chat_stream(self, chat: ChatCompletionBuilder, doc: Document, plan: ChatPlan
+    async def _chat_stream(self, chat: ChatCompletionBuilder, doc: Document, plan: ChatPlan, request_id: str
                            ) -> AsyncIterator[bytes]:
         try:
             yield sse(chat.chunk({"role": "assistant", "content": ""}))
@@ -529,16 +555,17 @@ class Ingress:
             if plan.include_usage:
                 yield sse(chat.usage_chunk(usage(doc.prompt_tokens, doc.completion_tokens)))
         except RequestError as e:  # headers are already sent: the error goes in-band, as OpenAI's do
-            yield sse(from_request_error(plan.rename(e))[1])
-        except Exception:  # never a traceback to the client; the log has it
-            log.exception("chat stream %s failed", chat.rid)
-            yield sse(error_body(f"the server failed while generating (request {chat.rid}); retry", 500))
+            yield sse(from_request_error(plan.rename(e), request_id)[1])
+        except Exception:  # never a traceback to the client; the log has it under the request id
+            log.exception("chat stream %s (request %s) failed", chat.rid, request_id)
+            yield sse(error_body(f"the server failed while generating; it is logged under request id {request_id}; "
+                                 "retry", 500, request_id=request_id))
         yield SSE_DONE
 
     @app.get("/v1/stats", include_in_schema=False)
     async def stats(self, request: Request) -> dict[str, Any]:
         """Batch sizes seen by one replica of each model deployment (benchmarks and tests)."""
-        self._authorize(request)
         t = time.time()
-        llm, dec = await asyncio.gather(self._call(self.llm.info.remote()), self._call(self.decoder.info.remote()))
+        llm, dec = await asyncio.gather(self._call(self.llm.info.remote(), "LLMServer", self.llm),
+                                        self._call(self.decoder.info.remote(), "ImageDecoder", self.decoder))
         return {"llm": llm, "decoder": dec, "ingress": {"pid": os.getpid()}, "took_s": time.time() - t}

@@ -40,6 +40,7 @@ from pipelines.serve.api import (
     TextPart,
     check_generate,
     check_images,
+    error_body,
 )
 from pipelines.serve.config import DefaultsConfig, LimitsConfig
 
@@ -57,70 +58,22 @@ def is_openai_path(path: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Errors
 
-# HTTP status -> (OpenAI error type, default code).
-_ERROR_TYPES: dict[int, tuple[str, str | None]] = {
-    400: ("invalid_request_error", "invalid_value"),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("permission_error", "permission_denied"),
-    404: ("invalid_request_error", "model_not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-    503: ("server_error", "overloaded"),
-    504: ("server_error", "timeout"),
-}
 
-
-def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error body for `status` (the type and default code follow from the status)."""
-    type_, default_code = _ERROR_TYPES.get(status, ("server_error", None))
-    return {"error": {"message": message, "type": type_, "param": param, "code": code or default_code}}
-
-
-def from_request_error(err: RequestError) -> tuple[int, dict[str, Any]]:
+def from_request_error(err: RequestError, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
     """A native refusal as (status, OpenAI error body); `param` is the field it names.
 
     OpenAI answers 400 where the native routes say 422 (invalid) or 413 (too large); a prompt
     over the limits gets OpenAI's `context_length_exceeded` code, which clients look for.
     """
-    param = None if err.field in ("server", "Authorization") else err.field
+    param = err.param
     status, code = err.status, None
     if status in (413, 422):
         status = 400
         if err.status == 413:
             code = "context_length_exceeded" if param in ("messages", "prompt") else "request_too_large"
-    return status, error_body(str(err) if param else err.message, status, param, code)
-
-
-# Tags of the discriminated unions below: pydantic puts them in an error's path after the list index.
-_TAGS = {"system", "developer", "user", "assistant", "text", "image_url"}
-
-
-def validation_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """FastAPI/pydantic errors of an OpenAI route -> OpenAI's 400 body naming the deepest problem."""
-    if not errors:
-        errors = [{"loc": ("body",), "msg": "invalid request", "type": "value_error"}]
-    first = max(errors, key=lambda e: len(e.get("loc", ())))  # unions report one error per member
-    path, prev_index = "", False
-    for i, x in enumerate(first.get("loc", ())):
-        x = str(x)
-        if (i == 0 and x == "body") or "[" in x or x == "str" or (prev_index and x in _TAGS):
-            prev_index = False  # the request root, union member labels, a discriminator tag
-            continue
-        prev_index = x.isdigit()
-        path += f"[{x}]" if prev_index else (f".{x}" if path else x)
-    kind = first.get("type", "")
-    msg = first.get("msg", "invalid value")
-    code = "invalid_type" if kind.endswith("_type") else "invalid_value"
-    if kind == "extra_forbidden":
-        msg, code = "unrecognized request argument; this server does not support it (see /docs)", "unknown_parameter"
-    elif kind == "missing":
-        msg, code = "missing required parameter", "missing_required_parameter"
-    elif kind == "json_invalid":
-        msg, code = "the body is not valid JSON", "invalid_json"
-    if path.startswith("["):
-        path = "body" + path  # the body itself is a list
-    where = path or "body"
-    return error_body(f"{where}: {msg}", 400, path or None, code)
+    elif status == 404 and param == "model":
+        code = "model_not_found"
+    return status, error_body(str(err) if param else err.message, status, param, code, request_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +81,8 @@ def validation_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unsupported OpenAI parameter is a 400, not ignored
+    # An unsupported OpenAI parameter is a 400, not ignored; types are strict, as in the native API.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageURL(_Strict):
