@@ -54,6 +54,20 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def start_ray() -> None:
+    """A local Ray on this process's cores, with the dashboard on 127.0.0.1 (unless Ray is running).
+
+    The dashboard serves Ray's State API, which Ray Train V2's placement-group cleaner (a detached
+    actor) asks once a second whether the train controller is alive; without it every ask fails and
+    logs "Failed to query Ray Train Controller actor state", hundreds of times a run. 127.0.0.1 only:
+    a dashboard reachable from other machines lets them run code (CVE-2023-48022).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=_cores(), include_dashboard=True, dashboard_host="127.0.0.1")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,8 +116,6 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
              prompts: list[str] | None = None) -> Path:
     """Run every stage of `recipe` (default: `demo_recipe()`), then serve `prompts` (default:
     DEMO_PROMPTS); returns the path of report.html."""
-    import ray
-
     from dreamcore import synthetic
     from dreamcore.checkpoint import from_pretrained
     from dreamcore.config import to_dict
@@ -135,8 +147,7 @@ def run_demo(output: str | Path, recipe: Recipe | None = None, seed: int = 0,
             shards[d.name].write_text("".join(json.dumps(doc) + "\n" for doc in corpus))
         timings["corpus_s"] = time.perf_counter() - t0
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=_cores(), include_dashboard=False)
+        start_ray()
 
         # 2. Curate each dataset on Ray Data: crawl the loopback server, filter, tokenize, write
         # Parquet. The first trains the tokenizer; the others are tokenized with it.

@@ -148,6 +148,17 @@ def test_bad_cli_input_is_one_clear_line(ray_session, tmp_path, capsys):
     assert "similarity.model" in capsys.readouterr().err
 
 
+def test_empty_shard_too_large_for_the_driver_check_is_a_zero_document_run(ray_session, tmp_path):
+    """5 KB of blank lines is above local_shard_is_empty's size limit, so it goes through Ray."""
+    shard = tmp_path / "blank.jsonl"
+    shard.write_text("\n" * 5000)
+    m = curate([str(shard)], tmp_path / "out", _fast(CurateConfig()))
+    _assert_manifest(m)
+    assert all(st["in"] == st["out"] == {"documents": 0, "images": 0} for st in m["stages"].values())
+    assert m["shards"]["done"] == [str(shard)] and m["outputs"]["samples"] == 0
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
 def _real_docs(shared_dir: Path) -> list[dict]:
     path = shared_dir / REAL_SHARD
     if not path.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -320,3 +321,72 @@ def test_pair_layout_turns_one_image_documents_into_creation_and_comprehension_r
     assert "red circle" not in tok.decode([t for t in creation["labels"] if t != -100])
     assert len({s["sample_id"] for s in samples}) == len(samples)  # ids stay unique
     pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------- job entry
+# Both tests below must finish without Ray: `ray_init` is replaced by a guard that fails the test.
+
+
+def _no_ray(monkeypatch) -> None:
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("pipelines.curate.job.ray_init", started)
+
+
+def test_empty_input_is_a_zero_document_run_without_ray(tmp_path, monkeypatch, capsys):
+    from dreamcore.cli import main
+
+    _no_ray(monkeypatch)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_text("\n   \n\n")
+    (tmp_path / "blank.jsonl.gz").write_bytes(gzip.compress(b"\n\n"))
+    out = tmp_path / "out"
+    assert main(["curate", str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.jsonl"),
+                 str(tmp_path / "blank.jsonl.gz"), "--output", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["documents_in"] == 0
+    m = mf.load(out)
+    zero = {"documents": 0, "images": 0}
+    assert list(m["stages"]) == list(mf.STAGES)
+    assert all(st["in"] == st["out"] == zero and st["dropped"] == {"documents": {}, "images": {}}
+               for st in m["stages"].values())
+    assert m["outputs"] == {"samples": 0, "files": []} and len(m["shards"]["done"]) == 3
+    assert not list(out.glob(".tmp-*"))
+    assert main(["curate", str(tmp_path / "empty.jsonl"), "--output", str(out)]) == 0  # rerun: skipped
+    assert mf.load(out)["shards"]["skipped_on_resume"] == [str(tmp_path / "empty.jsonl")]
+    from pipelines.curate.readers import local_shard_is_empty
+
+    assert not local_shard_is_empty("s3://bucket/a.jsonl")  # remote shards are left to the job (no network)
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("afile", "is an existing file"),
+    ("afile/sub", "is a file, so the folder cannot be created"),
+    ("s3://bucket/x", "object storage output is not supported by this version of curate"),
+    ("gs://bucket/x", "object storage output is not supported"),
+])
+def test_unusable_output_is_one_clear_message_before_ray(tmp_path, monkeypatch, capsys, output, expected):
+    from dreamcore.cli import main
+    from pipelines.curate.job import CurateError, curate
+
+    _no_ray(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    shard = write_jsonl(tmp_path / "s.jsonl", [mmc4_doc("http://a.com/1", ["http://x/1.jpg"])])
+    (tmp_path / "afile").write_text("not a folder")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["curate", str(shard), "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dreamcore curate: --output {output}") and expected in err
+    assert err.count("\n") == 1  # one line, no traceback
+    with pytest.raises(CurateError, match=expected):  # the Python API checks too
+        curate([str(shard)], output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created (no "s3:" folder)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_output_parent_is_named(tmp_path):
+    from pipelines.curate.job import CurateError, check_output
+
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(CurateError, match="not writable"):
+        check_output(tmp_path / "ro" / "out")

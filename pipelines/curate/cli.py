@@ -26,7 +26,8 @@ FLAGS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="MMC4 JSONL(.gz) / OBELICS Parquet shards, folders, globs or s3:// gs:// URIs")
-    parser.add_argument("--output", required=True, metavar="DIR", help="output folder (resumes if present)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="output folder, a local or shared POSIX path (resumes if present)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default",
                         help="curation settings to start from: default (public web) or embedded "
                              "(loopback demo: private addresses allowed, small images accepted)")
@@ -49,9 +50,10 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dreamcore curate: config error: {e}", file=sys.stderr)
         return 2
-    from .job import CurateError, curate
+    from .job import CurateError, check_output, curate
 
     try:
+        check_output(args.output)  # before any Ray work (curate() checks again for API callers)
         manifest = curate(args.inputs, args.output, cfg, address=args.address)
     except (InputError, CurateError, ConfigError, FileNotFoundError) as e:
         print(f"dreamcore curate: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -45,13 +46,14 @@ from . import manifest as mf
 from .config import CurateConfig
 from .crawl import Crawler
 from .filters import DedupRules, DocumentStage, FilterStage, apply_plan, kept_images
-from .readers import expand_inputs, parse_shard, rows_to_table
+from .readers import expand_inputs, local_shard_is_empty, parse_shard, rows_to_table
 from .similarity import SimilarityStage
 from .tokenize import encode_doc, pack_docs, tokenizer_for, train_tokenizer
 
 # Internal state; "_" so readers that glob DIR for samples (and pyarrow datasets) skip it.
 STATE = "_state"
 HASHES_SCHEMA = pa.schema([("sha256", pa.string()), ("phash", pa.string())])
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class CurateError(ValueError):
@@ -238,14 +240,36 @@ def _check_models(cfg: CurateConfig) -> None:
             ) from None
 
 
+def check_output(output: str | Path) -> Path:
+    """`output` as a local folder path, or a CurateError naming --output and the fix.
+
+    Checked before any Ray work: the job publishes by renaming files within the folder, so it needs
+    a local or shared POSIX path it can create and write (object storage has no atomic rename).
+    """
+    text = str(output).removeprefix("file://")
+    if URI.match(text):
+        raise CurateError(f"--output {text}: object storage output is not supported by this version of curate; "
+                          "write to a local or shared POSIX path")
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise CurateError(f"--output {text} is an existing file, not a folder; give a new or existing folder path")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise CurateError(f"--output {text}: {existing} is a file, so the folder cannot be created under it; "
+                          "give a path under a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CurateError(f"--output {text}: {existing} is not writable by this user; give a folder you can write")
+    return out
+
+
 def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = None,
            address: str | None = None) -> dict:
     """Curate `inputs` (shards, folders, globs, URIs) into `output`; returns the manifest."""
+    out = check_output(output)
     cfg = config or CurateConfig()
     mcfg = cfg.model_config()
     _check_models(cfg)
     shards = expand_inputs(list(inputs))
-    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     manifest = mf.load(out)
     if manifest is None:
@@ -256,6 +280,11 @@ def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = 
     done = set(manifest["shards"]["done"])
     pending = [s for s in shards if s not in done]
     manifest["shards"]["skipped_on_resume"] = sorted(set(shards) & done)
+    empty = [s for s in pending if local_shard_is_empty(s)]
+    if empty:  # an empty input is a valid run: published with zero counts, without starting Ray
+        gid, tmp = _new_group(out, manifest)
+        _publish_nothing(empty, gid, tmp, out, manifest, {})
+        pending = [s for s in pending if s not in empty]
     if not pending:
         mf.save(out, manifest)
         return manifest
@@ -272,15 +301,24 @@ def _timed(durations: dict, key: str, t0: float) -> float:
     return now
 
 
-def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -> None:
-    """One shard group, start to publish; `manifest` is updated and saved only at the end."""
+def _new_group(out: Path, manifest: dict) -> tuple[str, Path]:
+    """The next group's id and its temp folder (removed by _publish, or by the next run's cleanup)."""
     gid = f"g{len(manifest['groups']):04d}"
     tmp = out / f".tmp-{gid}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+    return gid, tmp
+
+
+def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -> None:
+    """One shard group, start to publish; `manifest` is updated and saved only at the end."""
+    gid, tmp = _new_group(out, manifest)
     durations: dict[str, float] = {}
     t = time.perf_counter()
     docs = _read_crawl_filter(group, cfg)
     t = _timed(durations, "read+crawl+filter", t)
+    if docs.count() == 0:  # shards too large for the driver's check, yet empty: nothing to dedup
+        _publish_nothing(group, gid, tmp, out, manifest, durations)
+        return
     docs = _dedup_similarity_documents(docs, out, cfg)
     t = _timed(durations, "dedup+similarity+documents", t)
     encoded = _tokenize_and_write(docs, out, cfg, manifest, tmp / "samples")
@@ -401,6 +439,14 @@ def _publish(group: list[str], gid: str, tmp: Path, out: Path, acct: pa.Table, m
     mf.save(out, manifest)
 
 
+def _publish_nothing(group: list[str], gid: str, tmp: Path, out: Path, manifest: dict,
+                     durations: dict[str, float]) -> None:
+    """Publish a group whose shards hold no documents: zero counts, empty rejected and hash files."""
+    pq.write_table(REJECTED_SCHEMA.empty_table(), tmp / "rejected.parquet")
+    pq.write_table(HASHES_SCHEMA.empty_table(), tmp / "hashes.parquet")
+    _publish(group, gid, tmp, out, REJECTED_SCHEMA.empty_table(), manifest, durations)
+
+
 def _count_written(files: list[Path]) -> tuple[int, int, int]:
     """Samples, documents and images in the published shards, each document and image once.
 
@@ -442,4 +488,4 @@ def _seen_hashes(out: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(f).cast(HASHES_SCHEMA) for f in files])
 
 
-__all__ = ["curate", "CurateError", "CURATE_DOC_SCHEMA"]
+__all__ = ["curate", "check_output", "CurateError", "CURATE_DOC_SCHEMA"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -178,6 +179,22 @@ def parse_shard(data: bytes, shard: str) -> list[dict]:
     return parse_jsonl(data, shard)
 
 
+def local_shard_is_empty(shard: str, max_bytes: int = 4096) -> bool:
+    """True when `shard` is a small local file with no documents (zero bytes, blank lines, an empty
+    table). The job checks this on the driver so an empty input needs no Ray work; remote and larger
+    shards answer False (no network here) and go through the job, which handles empty groups too."""
+    if "://" in shard and not shard.startswith("file://"):
+        return False
+    path = shard.removeprefix("file://")
+    try:
+        if os.path.getsize(path) > max_bytes:
+            return False
+        with open(path, "rb") as f:
+            return not parse_shard(f.read(), shard)
+    except OSError:
+        return False
+
+
 def rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CURATE_DOC_SCHEMA)
 
@@ -216,8 +233,6 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 def _filesystem(item: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in item:
-        import os
-
         return pafs.LocalFileSystem(), os.path.abspath(item)
     try:
         return pafs.FileSystem.from_uri(item)
