@@ -24,7 +24,7 @@ pieces one decode step at a time (`layout` / `embed_layout`, `new_row`, `advance
 `conditions`, `result`), so a document gets the same tokens and conditions either way.
 
 Rules that exist once, here:
-- sampling: temperature (<= 0 greedy) and top-p, one seeded CPU generator per request;
+- sampling: temperature (below 1e-5 greedy) and top-p, one seeded CPU generator per request;
 - never sampled: pad, BOS and the block/slot tokens (`<im_start> <im_patch> <im_end> <dream_end>`);
 - room for an image: `<dream_start>` may be sampled only while the request allows another image
   and the dream and comprehension blocks still fit in the context with a token to spare;
@@ -60,13 +60,18 @@ class Drawn:
 DocPart = str | ImageLike | Drawn
 
 
+# Temperatures below this sample greedily: dividing logits by less overflows float64 softmax for
+# some rows (NaN probabilities), and the limit of sampling as the temperature falls is the argmax.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class TextRequest:
     """Continue one document. `parts`: text, given images, and `Drawn` images, in order."""
 
     parts: list[DocPart]
     max_new_tokens: int
-    temperature: float = 0.8  # <= 0: greedy
+    temperature: float = 0.8  # below GREEDY_BELOW: greedy
     top_p: float = 0.95
     seed: int = 0
     allow_dream: bool = True  # False once the document's image budget is spent
@@ -253,7 +258,7 @@ class TextEngine:
         lg[self.banned] = float("-inf")
         if not row.req.allow_dream or not self._room_for_image(row):
             lg[self.tok.dream_start_id] = float("-inf")
-        if row.req.temperature <= 0:
+        if row.req.temperature < GREEDY_BELOW:
             return int(lg.argmax())
         probs = torch.softmax(lg.double() / row.req.temperature, dim=-1).cpu()
         if not torch.isfinite(probs).all():  # a temperature so small it overflows: the limit is greedy
