@@ -3,7 +3,7 @@
 The experiment loop behind `pipelines.recipe.shapes_tiny` (the recipe the demo trains): the data
 laid out by curation's own Ray-free code (readers.mmc4_record -> tokenize.encode_doc ->
 tokenize.pack_docs -> batch.decode_batch, with rendered PNGs in place of the crawl), plain PyTorch
-AdamW with the recipe's warmup + cosine for its number of steps, then `dreamcore.synthetic.evaluate`
+AdamW with the training job's schedule (pipelines/train/schedule.py) for the recipe's steps, then `dreamcore.synthetic.evaluate`
 (held-out prompts -> images -> scorer; held-out images -> captions, through the serving engine).
 Every figure is printed beside its chance level (the named baseline), plus steps/s so a run on a
 busy machine can be converted to the quiet-machine budget.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -43,6 +42,7 @@ from pipelines.curate.tokenize import encode_doc, pack_docs  # noqa: E402
 from pipelines.recipe import Recipe, shapes_tiny  # noqa: E402
 from pipelines.train.data import mix_counts  # noqa: E402
 from pipelines.train.loop import optimizer_groups  # noqa: E402
+from pipelines.train.schedule import group_lr  # noqa: E402
 
 
 def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, packing: str = "truncate",
@@ -65,17 +65,6 @@ def build_rows(cfg: ModelConfig, docs: list[dict], tokenizer: DreamTokenizer, pa
     samples = pack_docs(tokenizer, rows, cfg, packing=packing == "pack", pair_layout=pair_layout)
     columns = {k: [s[k] for s in samples] for k in samples[0]}
     return decode_batch(columns, cfg)
-
-
-def lr_at(step: int, recipe: Recipe) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps: the shape of the training
-    job's DeepSpeed WarmupCosineLR (whose warmup starts at lr / warmup_steps rather than 0)."""
-    o, total = recipe.train.optim, recipe.train.max_steps
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-    floor = o.lr * o.min_lr_ratio
-    return floor + 0.5 * (o.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -181,8 +170,8 @@ def train(recipe: Recipe, log_every: int = 50, seed: int = 0,
         if trim:  # drop the all-padding tail (causal attention: the result is the same, only faster)
             batch = trim_padding(batch)
         batch = to_torch(batch)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe) * group["lr_mult"]
+        for group in opt.param_groups:  # the training job's schedule, ramps included
+            group["lr"] = group_lr(group, step, optim, recipe.train.max_steps)
         out = model(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()

@@ -62,8 +62,7 @@ def test_deepspeed_json_follows_the_dataclass():
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 0.01
     assert ds["optimizer"]["params"]["torch_adam"] is True
-    assert ds["scheduler"]["params"]["total_num_steps"] == 500
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 20
+    assert "scheduler" not in ds  # the job passes its own (pipelines/train/schedule.py)
     assert ds["zero_optimization"]["stage"] == 2  # ZeRO-2 default
     assert ds["bf16"]["enabled"] is False  # CPU: fp32
     gpu = load_train_config("tiny", None, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"], gpu=True)
@@ -147,19 +146,34 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "optim.lrr" in capsys.readouterr().err
 
 
+def test_a_ramped_multiplier_moves_between_its_fractions_of_the_run():
+    from dreamcore.config import load_config
+    from pipelines.train.schedule import group_lr, lr_factor, lr_mult
+
+    cfg = load_config(TrainConfig(), None, ["optim.lr=0.01", "optim.warmup_steps=10", "optim.lr_mults.llm=0.25",
+                                            "optim.lr_mult_ramps.llm=[0.75, 0.25, 0.75]"]).validate()
+    o = cfg.optim
+    assert [round(lr_mult("llm", s, o, 100), 4) for s in (0, 25, 50, 75, 99)] == [0.25, 0.25, 0.5, 0.75, 0.75]
+    assert lr_mult("decoder", 50, o, 100) == 1.0
+    assert lr_factor(0, o, 100) == pytest.approx(0.1) and lr_factor(9, o, 100) == pytest.approx(1.0)
+    assert lr_factor(99, o, 100) == pytest.approx(o.min_lr_ratio, abs=1e-3)
+    assert group_lr({"name": "llm"}, 50, o, 100) == pytest.approx(0.01 * lr_factor(50, o, 100) * 0.5)
+
+
 def test_defaults_are_valid():
     assert TrainConfig().validate().precision == "fp32"
 
 
 def test_lr_mults_give_components_their_own_learning_rate_through_the_schedule():
-    """optim.lr_mults: each named component trains at lr x mult, through DeepSpeed's warmup + cosine
-    (the scheduler the job configures), every trainable parameter in exactly one group."""
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+    """optim.lr_mults: each named component trains at lr x mult, through the job's warmup + cosine
+    (the LambdaLR loop.py hands DeepSpeed), every trainable parameter in exactly one group."""
+    from torch.optim.lr_scheduler import LambdaLR
 
     from dreamcore.config import load_config
     from dreamcore.model import DreamLLM
     from dreamcore.tokenizer import DreamTokenizer
     from pipelines.train.loop import optimizer_groups, trainable_parameters
+    from pipelines.train.schedule import lr_factor, lr_lambdas
 
     cfg = load_config(TrainConfig(), None, ["optim.lr=0.01", "optim.lr_mults.llm=0.25"])
     cfg = load_config(cfg, None, ["optim.lr_mults.dream_queries=4"]).validate()  # keys merge
@@ -175,12 +189,15 @@ def test_lr_mults_give_components_their_own_learning_rate_through_the_schedule()
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.llm.parameters()}
     assert not {id(p) for p in model.decoder.parameters()} & set(ids)  # frozen: in no group
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    sched = WarmupCosineLR(opt, total_num_steps=20, warmup_num_steps=5, warmup_min_ratio=0.2, cos_min_ratio=0.1)
-    for _ in range(9):
+    sched = LambdaLR(opt, lr_lambdas(opt.param_groups, cfg.optim, 20))
+    for step in range(9):
+        base, llm, queries = (g["lr"] for g in opt.param_groups)
+        assert base == pytest.approx(0.01 * lr_factor(step, cfg.optim, 20))  # step 0 at lr / warmup_steps
+        assert llm == pytest.approx(0.25 * base) and queries == pytest.approx(4 * base)
         opt.step()
         sched.step()
-        base, llm, queries = (g["lr"] for g in opt.param_groups)
-        assert 0 < base <= 0.01 and llm == pytest.approx(0.25 * base) and queries == pytest.approx(4 * base)
-    for bad, message in ((["optim.lr_mults.lm=2"], "unknown component"), (["optim.lr_mults.llm=0"], "> 0")):
+    for bad, message in ((["optim.lr_mults.lm=2"], "unknown component"), (["optim.lr_mults.llm=0"], "> 0"),
+                         (["optim.lr_mult_ramps.llm=[0.5, 0.6, 0.4]"], "start < end"),
+                         (["optim.lr_mult_ramps.vm=[0.5, 0.1, 0.4]"], "unknown component")):
         with pytest.raises(ConfigError, match=message):
             load_config(TrainConfig(), None, bad).validate()

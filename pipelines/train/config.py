@@ -17,7 +17,8 @@ from dreamcore.config import STAGES, ConfigError, ModelConfig, load_config, pres
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr` at `max_steps`."""
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr` at `max_steps`
+    (pipelines/train/schedule.py), per component multipliers on top."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -31,6 +32,10 @@ class OptimConfig:
     # vision_proj, cond_proj, decoder, dream_queries); unnamed ones train at lr. The schedule
     # scales every group alike. e.g. `--set optim.lr_mults.llm=0.25`.
     lr_mults: dict[str, float] = field(default_factory=dict)
+    # A multiplier that moves during the run: [to, start, end] holds lr_mults[name] until
+    # start x max_steps, then goes linearly to `to` at end x max_steps (fractions in [0, 1]).
+    # e.g. `--set 'optim.lr_mult_ramps.llm=[0.75, 0.33, 0.67]'`.
+    lr_mult_ramps: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,6 +188,14 @@ class TrainConfig:
                                                  f"{', '.join(PARAM_GROUPS)}"))
             ok = isinstance(mult, (int, float)) and not isinstance(mult, bool) and math.isfinite(mult) and mult > 0
             checks.append((ok, f"optim.lr_mults.{name}={mult!r} must be a number > 0"))
+        for name, ramp in self.optim.lr_mult_ramps.items():
+            checks.append((name in PARAM_GROUPS, f"optim.lr_mult_ramps.{name}: unknown component; use one of "
+                                                 f"{', '.join(PARAM_GROUPS)}"))
+            ok = (isinstance(ramp, (list, tuple)) and len(ramp) == 3
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in ramp)
+                  and ramp[0] > 0 and 0 <= ramp[1] < ramp[2] <= 1)
+            checks.append((ok, f"optim.lr_mult_ramps.{name}={ramp!r} must be [to > 0, start, end] with "
+                               "0 <= start < end <= 1 (fractions of max_steps)"))
         return checks
 
     def _mixture_checks(self) -> list[tuple[bool, str]]:

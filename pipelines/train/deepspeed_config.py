@@ -33,18 +33,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                 "torch_adam": True,
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.max_steps,
-                "warmup_num_steps": max(1, o.warmup_steps),
-                "warmup_type": "linear",
-                # Step 1 trains at lr / warmup_steps instead of 0 (see loop.py: the scheduler is
-                # advanced once at a fresh start, since DeepSpeed's starts before iteration 0).
-                "warmup_min_ratio": 1.0 / max(1, o.warmup_steps),
-                "cos_min_ratio": o.min_lr_ratio,
-            },
-        },
+        # No "scheduler": the job passes its own (pipelines/train/schedule.py, per-group ramps),
+        # so the schedule is the one bench/quality.py trains with.
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": False},  # fp16 needs loss scaling and fails on CPU; bf16 does not

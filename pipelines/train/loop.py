@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
 
 from dreamcore.config import from_dict
 from pipelines.train.config import OptimConfig, TrainConfig
 from pipelines.train.data import DataPosition, dataset_key, iterate_batches
 from pipelines.train.deepspeed_config import deepspeed_config
 from pipelines.train.metrics import MetricsWriter, mfu, peak_flops, progress_line, train_flops_per_token
+from pipelines.train.schedule import lr_lambdas
 
 DS_TAG = "deepspeed"  # every rank saves under the same tag (DeepSpeed requires it)
 STATE_FILE = "trainer_state.json"
@@ -93,7 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # 4. Model, optimizer, scheduler and RNG from the checkpoint (the data position was applied in 2);
     #    then wait for the first batch, so the step clocks count training only
-    _resume(w, engine, scheduler, checkpoint, state, position)
+    _resume(w, engine, checkpoint, state, position)
     batches = itertools.chain([first_batch.result()], batches)
 
     # 5. Optimizer steps with the progress line, metrics files, reports and checkpoints
@@ -226,6 +228,7 @@ def _build_engine(w: Worker, data_dir: Path) -> tuple[Any, Any, Any]:
     params = trainable_parameters(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=optimizer_groups(model, cfg.optim), config=deepspeed_config(cfg, w.world),
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambdas(opt.param_groups, cfg.optim, cfg.max_steps)),
         dist_init_required=False,
     )
     if w.rank == 0:
@@ -286,8 +289,8 @@ def optimizer_groups(model: Any, optim: OptimConfig) -> list[dict[str, Any]]:
     """The trainable parameters as optimizer groups: the lr-multiplied components (`optim.lr_mults`)
     each in their own group at lr x mult, everything else first at lr (the logged lr is group 0's).
 
-    DeepSpeed's and torch's schedulers scale each group from its own initial lr, so the ratios hold
-    through warmup and decay. Each group keeps its `lr_mult` and component `name` for readers.
+    The schedule (pipelines/train/schedule.py) gives each group its lr per step from its component
+    `name`, which the group keeps (with its initial `lr_mult`) for readers.
     """
     params = trainable_parameters(model)
     named = model.named_groups()
@@ -307,13 +310,9 @@ def optimizer_groups(model: Any, optim: OptimConfig) -> list[dict[str, Any]]:
 # 4. Resume
 
 
-def _resume(w: Worker, engine: Any, scheduler: Any, checkpoint: Any, state: TrainerState,
-            position: DataPosition) -> None:
-    """Restore the engine from `checkpoint`; at a fresh start, take the scheduler to iteration 0."""
+def _resume(w: Worker, engine: Any, checkpoint: Any, state: TrainerState, position: DataPosition) -> None:
+    """Restore the engine (and the LR scheduler's step) from `checkpoint`, if there is one."""
     if checkpoint is None:
-        # DeepSpeed's WarmupCosineLR sits at iteration -1 (lr 0) until its first step; without
-        # this the first optimizer step would be taken at lr 0 and wasted.
-        scheduler.step()
         return
     restore_engine(engine, checkpoint, w.rank)
     if w.rank == 0:
