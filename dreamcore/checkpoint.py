@@ -1,17 +1,20 @@
-"""dreamcore's own checkpoints as plain files: `save_pretrained` / `from_pretrained` of a folder.
+"""Checkpoints as folders of the ecosystem's own formats: `save_pretrained` / `from_pretrained`.
 
-A dreamcore checkpoint folder:
-    config.json            {"format_version", "model": ModelConfig as a dict,
-                            "architectures": the HF/diffusers configs of llm, vision, unet, vae, scheduler}
-    llm.safetensors        LlamaForCausalLM state dict
-    vision.safetensors     CLIPVisionModel state dict
-    projectors.safetensors vision_proj.*, dream_queries, cond_proj.*
-    decoder.safetensors    unet.*, vae.* (the VAE only when one is used)
-    tokenizer/             DreamTokenizer.save_pretrained
+A dreamcore checkpoint folder (format_version 2):
+    config.json            {"format_version", "components", "model": ModelConfig as a dict}
+    llm/                   transformers: LlamaForCausalLM.save_pretrained, with the tokenizer's files
+                           (AutoModelForCausalLM / AutoTokenizer / an LLM server load it as it is)
+    vision/                transformers: CLIPVisionModel.save_pretrained
+    unet/ vae/ scheduler/  diffusers: UNet2DConditionModel, AutoencoderKL (when the decoder has one),
+                           the DDPM noise schedule (DDPMScheduler; DDIM samples from the same betas)
+    projectors.safetensors dreamcore's own pieces: vision_proj.*, dream_queries, cond_proj.*
+    tokenizer/             DreamTokenizer.save_pretrained (the HF files plus the slot counts)
 
-The architecture configs make a checkpoint self-contained: loading it never needs the original
-weights (`llm.name_or_path` etc. may name hub ids that are not reachable). Each component loads on
-its own, so the text server skips the decoder and the image server keeps only the decoder.
+Each part loads with its own library's class, so a checkpoint never needs the weights it was first
+built from (`llm.name_or_path` etc. may name hub ids that are not reachable here). Each component
+loads on its own, so the text server skips the decoder and the image server keeps only the decoder.
+Folders of format_version 1 (one safetensors file per component, architectures in config.json)
+are still read.
 
 Pretrained components named by `name_or_path` (a first build from hub weights) are loaded by
 dreamcore.pretrained, not here.
@@ -35,9 +38,13 @@ from dreamcore.decoder import DiffusionDecoder
 from dreamcore.model import COMPONENTS, DreamLLM
 from dreamcore.tokenizer import DreamTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
+PROJECTORS_FILE = "projectors.safetensors"
+# The folders of each component in format 2 (the VAE only when the decoder has one).
+FOLDERS = {"llm": ("llm",), "vision": ("vision",), "decoder": ("unet", "scheduler")}
 
 
 class CheckpointError(ValueError):
@@ -49,29 +56,27 @@ class CheckpointError(ValueError):
 
 
 def save_pretrained(model: DreamLLM, tokenizer: DreamTokenizer, directory: str | Path) -> Path:
-    """Write config.json, one safetensors file per component present, and tokenizer/."""
+    """Write config.json, each component in its library's format, the projectors and tokenizer/."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arch: dict[str, Any] = {}
+    _quiet_progress()
     if model.llm is not None:
-        arch["llm"] = model.llm.config.to_dict()
-        _save(model.llm.state_dict(), directory / "llm.safetensors")
+        model.llm.save_pretrained(directory / "llm")
+        tokenizer.hf.save_pretrained(str(directory / "llm"))  # AutoTokenizer.from_pretrained(llm/)
     if model.vision is not None:
-        arch["vision"] = model.vision.config.to_dict()
-        _save(model.vision.state_dict(), directory / "vision.safetensors")
+        model.vision.save_pretrained(directory / "vision")
     if model.vision_proj is not None:
         state = {f"vision_proj.{k}": v for k, v in model.vision_proj.state_dict().items()}
         state.update({f"cond_proj.{k}": v for k, v in model.cond_proj.state_dict().items()})
         state["dream_queries"] = model.dream_queries.data
-        _save(state, directory / "projectors.safetensors")
+        _save(state, directory / PROJECTORS_FILE)
     if model.decoder is not None:
         dec = model.decoder
-        arch["unet"] = dict(dec.unet.config)
-        arch["vae"] = dict(dec.vae.config) if dec.vae is not None else None
-        arch["scheduler"] = dict(dec.train_scheduler.config)
-        _save(dec.state_dict(), directory / "decoder.safetensors")
-    meta = {"format_version": FORMAT_VERSION, "components": list(model.components),
-            "model": to_dict(model.cfg), "architectures": arch}
+        dec.unet.save_pretrained(directory / "unet")
+        if dec.vae is not None:
+            dec.vae.save_pretrained(directory / "vae")
+        dec.train_scheduler.save_pretrained(directory / "scheduler")
+    meta = {"format_version": FORMAT_VERSION, "components": list(model.components), "model": to_dict(model.cfg)}
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
     tokenizer.save_pretrained(directory / TOKENIZER_DIR)
     return directory
@@ -106,9 +111,10 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         )
     meta = json.loads(path.read_text())
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: format_version {version!r}, this dreamcore reads {FORMAT_VERSION}; re-save the checkpoint"
+            f"{path}: format_version {version!r}; this dreamcore reads {', '.join(map(str, READABLE_VERSIONS))}. "
+            "Is it a dreamcore checkpoint folder? Re-save it with dreamcore.checkpoint.save_pretrained"
         )
     return model_config_from_dict(meta["model"]), meta
 
@@ -126,8 +132,16 @@ def from_pretrained(
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown component {unknown[0]!r}; choose from {', '.join(COMPONENTS)}")
-    files = {c: directory / f"{c}.safetensors" for c in components}
-    missing = [p.name for p in files.values() if not p.is_file()]
+    version = meta["format_version"]
+    if version == 1:
+        files = {c: directory / f"{c}.safetensors" for c in components}
+        missing = [p.name for p in files.values() if not p.is_file()]
+    else:
+        needed = [f for c in components for f in FOLDERS.get(c, ())]
+        missing = [f"{f}/" for f in needed if not (directory / f / CONFIG_FILE).is_file()
+                   and not (directory / f / "scheduler_config.json").is_file()]
+        if "projectors" in components and not (directory / PROJECTORS_FILE).is_file():
+            missing.append(PROJECTORS_FILE)
     if not (directory / TOKENIZER_DIR).is_dir():
         missing.append(f"{TOKENIZER_DIR}/")
     if missing:
@@ -138,13 +152,59 @@ def from_pretrained(
     tokenizer = DreamTokenizer.from_pretrained(
         directory / TOKENIZER_DIR, cfg.vision.num_tokens, cfg.dream.num_queries
     )
-    arch = meta["architectures"]
-    with _skip_random_init():  # every weight is overwritten below; a 7B random init costs minutes
-        model = _build_skeleton(cfg, tokenizer, arch, components)
-    for name in components:
-        _load_into(model, name, files[name])
+    if version == 1:
+        with _skip_random_init():  # every weight is overwritten below; a 7B random init costs minutes
+            model = _build_skeleton(cfg, tokenizer, meta["architectures"], components)
+        for name in components:
+            _load_into(model, name, files[name])
+    else:
+        model = DreamLLM(cfg, tokenizer, components=components, modules=_load_folders(directory, cfg, components))
+        if "projectors" in components:
+            _load_into(model, "projectors", directory / PROJECTORS_FILE)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), tokenizer
+
+
+def _load_folders(directory: Path, cfg: ModelConfig, components: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The components of a format-2 folder, each loaded by its own library's class."""
+    modules: dict[str, nn.Module] = {}
+    try:
+        _quiet_progress()
+        if "llm" in components:
+            modules["llm"] = _strict(AutoModelForCausalLM, directory / "llm",
+                                     attn_implementation=cfg.llm.attn_implementation)
+        if "vision" in components:
+            modules["vision"] = _strict(CLIPVisionModel, directory / "vision")
+        if "decoder" in components:
+            unet = _strict(UNet2DConditionModel, directory / "unet")
+            vae = _strict(AutoencoderKL, directory / "vae") if (directory / "vae").is_dir() else None
+            scheduler = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+            modules["decoder"] = DiffusionDecoder(cfg.decoder, unet, vae, scheduler)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{directory}: a component folder does not load ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]}); re-save the checkpoint") from None
+    return modules
+
+
+def _quiet_progress() -> None:
+    """No per-file progress bars from transformers/diffusers: a server loads a checkpoint per replica
+    and a training job exports one per stage; the bars only fill their logs."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
+def _strict(cls: Any, folder: Path, **kwargs: Any) -> nn.Module:
+    """`cls.from_pretrained(folder)`, refusing weights that do not fit its config.json (the libraries
+    only warn, and fill what is missing with random values)."""
+    model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    bad = {k: list(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise CheckpointError(f"{folder}: weights do not fit its {CONFIG_FILE} ({bad}); the folder belongs to "
+                              "another model or was edited")
+    return model
 
 
 def _build_skeleton(

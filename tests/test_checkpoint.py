@@ -38,10 +38,9 @@ def _losses(model, batch):
 def test_round_trip_gives_identical_outputs(saved):
     model, tok, folder = saved
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "decoder.safetensors", "llm.safetensors", "projectors.safetensors", "tokenizer",
-        "vision.safetensors"]
+        "config.json", "llm", "projectors.safetensors", "scheduler", "tokenizer", "unet", "vision"]
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["format_version"] == 1 and meta["model"]["dream"]["num_queries"] == 8
+    assert meta["format_version"] == 2 and meta["model"]["dream"]["num_queries"] == 8
     loaded, tok2 = from_pretrained(folder)
     assert tok2.content_hash() == tok.content_hash()
     batch = make_batch(model.cfg, tok, INTERLEAVED)
@@ -52,6 +51,52 @@ def test_round_trip_gives_identical_outputs(saved):
     request = TextRequest(["a"], max_new_tokens=8, temperature=1.0, seed=5)
     assert (TextEngine(model, tok).continue_batch([request])[0].token_ids
             == TextEngine(loaded, tok2).continue_batch([request])[0].token_ids)
+
+
+def test_each_part_loads_with_its_own_library(saved):
+    """llm/ is a transformers causal LM with its tokenizer, vision/ a CLIP vision tower, unet/ and
+    scheduler/ diffusers folders: what a user (or an LLM server) loads without dreamcore."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok, folder = saved
+    llm = AutoModelForCausalLM.from_pretrained(folder / "llm")
+    hf_tok = AutoTokenizer.from_pretrained(folder / "llm")
+    assert isinstance(llm, LlamaForCausalLM) and len(hf_tok) == llm.config.vocab_size == len(tok.hf)
+    assert hf_tok.convert_tokens_to_ids("<dream_start>") == tok.dream_start_id
+    ids = torch.tensor([hf_tok("a red circle")["input_ids"]])
+    torch.testing.assert_close(llm(ids).logits, model.llm(ids).logits)
+    vision = CLIPVisionModel.from_pretrained(folder / "vision")
+    for (name, p), q in zip(model.vision.state_dict().items(), vision.state_dict().values()):
+        assert torch.equal(p, q), name
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    for (name, p), q in zip(model.decoder.unet.state_dict().items(), unet.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert DDPMScheduler.from_pretrained(folder / "scheduler").config.num_train_timesteps == \
+        model.decoder.train_scheduler.config.num_train_timesteps
+
+
+def test_format_1_folders_are_still_read(saved, tmp_path):
+    """The earlier layout (one safetensors file per component, architectures in config.json)."""
+    from safetensors.torch import save_file
+
+    model, tok, _ = saved
+    old = tmp_path / "v1"
+    old.mkdir()
+    arch = {"llm": model.llm.config.to_dict(), "vision": model.vision.config.to_dict(),
+            "unet": dict(model.decoder.unet.config), "vae": None, "scheduler": dict(model.decoder.train_scheduler.config)}
+    for name, module in (("llm", model.llm), ("vision", model.vision), ("decoder", model.decoder)):
+        save_file({k: v.contiguous().clone() for k, v in module.state_dict().items()}, str(old / f"{name}.safetensors"))
+    (old / "projectors.safetensors").write_bytes((saved[2] / "projectors.safetensors").read_bytes())
+    meta = json.loads((saved[2] / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**meta, "format_version": 1, "architectures": arch}, default=str))
+    tok.save_pretrained(old / "tokenizer")
+    loaded, _ = from_pretrained(old)
+    batch = make_batch(model.cfg, tok, INTERLEAVED)
+    assert _losses(model, batch) == _losses(loaded, batch)
+    (old / "config.json").write_text(json.dumps({**meta, "format_version": 7}))
+    with pytest.raises(CheckpointError, match="format_version 7; this dreamcore reads 1, 2"):
+        from_pretrained(old)
 
 
 def test_partial_loads_for_the_text_and_image_servers(saved):
@@ -69,9 +114,13 @@ def test_incomplete_checkpoint_names_folder_and_file(saved, tmp_path):
     _, _, folder = saved
     partial = tmp_path / "partial"
     partial.mkdir()
-    for name in ("config.json", "llm.safetensors", "projectors.safetensors", "vision.safetensors"):
+    import shutil
+
+    for name in ("llm", "vision"):
+        shutil.copytree(folder / name, partial / name)
+    for name in ("config.json", "projectors.safetensors"):
         (partial / name).write_bytes((folder / name).read_bytes())
-    with pytest.raises(CheckpointError, match=r"partial is incomplete: missing decoder.safetensors, tokenizer/"):
+    with pytest.raises(CheckpointError, match=r"partial is incomplete: missing unet/, scheduler/, tokenizer/"):
         from_pretrained(partial)
     with pytest.raises(CheckpointError, match="has no config.json"):
         from_pretrained(tmp_path)
@@ -84,10 +133,10 @@ def test_incomplete_checkpoint_names_folder_and_file(saved, tmp_path):
 def test_weights_that_do_not_fit_are_refused(saved, tmp_path):
     model, tok, _ = saved
     save_pretrained(model, tok, tmp_path)
-    meta = json.loads((tmp_path / "config.json").read_text())
-    meta["architectures"]["llm"]["num_hidden_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="llm.safetensors: weights do not fit the llm"):
+    conf = json.loads((tmp_path / "llm" / "config.json").read_text())
+    conf["num_hidden_layers"] += 1  # transformers alone would warn and fill the layer with noise
+    (tmp_path / "llm" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match=r"llm: weights do not fit its config.json .*missing_keys"):
         from_pretrained(tmp_path, components=("llm",))
 
 
