@@ -201,3 +201,21 @@ def test_lr_mults_give_components_their_own_learning_rate_through_the_schedule()
                          (["optim.lr_mult_ramps.vm=[0.5, 0.1, 0.4]"], "unknown component")):
         with pytest.raises(ConfigError, match=message):
             load_config(TrainConfig(), None, bad).validate()
+
+
+def test_checkpoints_hold_every_rng_state():
+    """torch CPU, numpy and Python streams continue exactly where the saved state left them (CUDA too
+    when present); a state saved by an older checkpoint (torch only) still restores."""
+    import random
+
+    import numpy as np
+
+    from pipelines.train.loop import rng_states, set_rng_states
+
+    saved = rng_states()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(saved)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+    set_rng_states({"torch": saved["torch"]})
+    assert torch.equal(torch.rand(3), first[0])

@@ -319,6 +319,34 @@ def _resume(w: Worker, engine: Any, checkpoint: Any, state: TrainerState, positi
         say(f"[train] resumed at step {state.step} ({position.describe()})")
 
 
+def rng_states() -> dict[str, Any]:
+    """Every random stream a step may draw from: torch CPU, CUDA (when present), numpy, Python."""
+    import random
+
+    import numpy as np
+
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` saved (older checkpoints hold the torch CPU state only)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        np.random.set_state(states["numpy"])
+    if "python" in states:
+        random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
     """Model, optimizer and LR scheduler from DeepSpeed's files; this rank's RNG state."""
     with checkpoint.as_directory() as d:
@@ -326,7 +354,7 @@ def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
         engine.load_checkpoint(str(d), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         rng_file = d / f"rng_rank{rank}.pt"
         if rng_file.exists():  # absent if the world size grew: those ranks start a fresh stream
-            torch.set_rng_state(torch.load(rng_file)["torch"])
+            set_rng_states(torch.load(rng_file, weights_only=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +491,7 @@ def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[s
     tmp = Path(tempfile.mkdtemp(prefix=f"dreamcore-ckpt-r{rank}-"))
     try:
         engine.save_checkpoint(str(tmp), tag=DS_TAG)
-        torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
+        torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
             (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
         dist.barrier()
