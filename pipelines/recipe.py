@@ -108,13 +108,15 @@ def shapes_tiny(workers: int = 2) -> Recipe:
         model=model,
         micro_batch_size=GLOBAL_BATCH // workers,
         max_steps=1200,
-        # The LLM at a quarter of the lr: trained as fast as the UNet, the dream queries' attention
-        # locks onto the colour and size words within the first steps and never turns to the
-        # position words (their conditions stay 0.01-0.04 apart; position at chance). Slower, the
-        # conditions keep them apart (0.2-0.9) and the UNet learns to place shapes
+        # The LLM starts at a quarter of the lr: trained as fast as the UNet, the dream queries'
+        # attention locks onto the colour and size words within the first steps and never turns to
+        # the position words (their conditions stay 0.01-0.04 apart; position at chance). Slower,
+        # the conditions keep them apart (0.2-0.9) and the UNet learns to place shapes. Once they
+        # have (the first third), the LLM's rate ramps up to LLM_LR_MULT_TO by two thirds, so the
+        # text side (captions, the sentence after an image, shapes) learns faster
         # (docs/architecture.md, "What makes the tiny preset learn").
         optim=OptimConfig(lr=2e-3, weight_decay=0.0, beta2=0.95, grad_clip=1.0, warmup_steps=50, min_lr_ratio=0.1,
-                          lr_mults={"llm": LLM_LR_MULT}),
+                          lr_mults={"llm": LLM_LR_MULT}, lr_mult_ramps={"llm": [LLM_LR_MULT_TO, 1 / 3, 2 / 3]}),
     )
     train.scaling.workers = workers
     # Stories first: their curation trains the tokenizer, on text that has every sentence kind.
@@ -128,5 +130,6 @@ def shapes_tiny(workers: int = 2) -> Recipe:
 
 PAIRS_WEIGHT = 0.7  # DreamLLM's stage II mixes interleaved documents with pairs; see docs/architecture.md
 LLM_LR_MULT = 0.25
+LLM_LR_MULT_TO = 0.75
 STORY_DOCS = 2000
 VM_IMAGES = 32
