@@ -39,6 +39,7 @@ CURATE_IMAGE_TYPE = pa.struct(
         pa.field("url", pa.string()),
         pa.field("matched_text_index", pa.int32()),
         pa.field("matched_sim", pa.float32()),
+        pa.field("face_count", pa.int32()),  # faces the source detected (MMC4 face_detections); -1: unknown
         pa.field("drop_stage", pa.string()),  # "" while kept
         pa.field("reason", pa.string()),  # "" while kept; a short reason name otherwise
         pa.field("error", pa.string()),  # human-readable detail behind the reason

@@ -7,14 +7,17 @@ demo and tests use (loopback images allowed, thresholds fit the small synthetic 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dreamcore.config import ConfigError, ModelConfig, preset
 
-RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")  # img2dataset's
 ENCODE_FORMATS = ("png", "jpg", "webp")
 PACKING = ("pack", "truncate")
 PAIR_LAYOUTS = ("interleaved", "pairs")
 SIMILARITY_STYLES = ("mmc4", "core")
+# Who places images among sentences: the dataset itself, its similarity matrix, or a CLIP model.
+PLACEMENTS = ("source", "matrix", "clip")
 
 
 @dataclass
@@ -69,21 +72,74 @@ class FilterConfig:
 
 @dataclass
 class SimilarityConfig:
-    """MMC4's image-to-sentence assignment; scores from the document or from a CLIP model."""
+    """Where each image goes among the sentences, and the similarity threshold that keeps it.
+
+    placement "source" keeps the dataset's own placement (MMC4 `matched_text_index`, OBELICS
+    positions): those placements are the dataset, and a shipped matrix does not always reproduce
+    them. "matrix" re-assigns with MMC4's linear assignment over the document's similarity matrix
+    (CLIP for documents without one when `model` is set); "clip" scores every document with `model`.
+    """
 
     enabled: bool = True
+    placement: str = "source"
     style: str = "mmc4"  # mmc4: threshold 0.15; core: 0.25 (used when threshold is unset)
     threshold: float | None = None
-    model: str | None = None  # CLIP folder/hub id; unset: use the document's similarity matrix
-    recompute: bool = False  # score with the model even when the document carries a matrix
+    model: str | None = None  # CLIP folder/hub id (placement matrix or clip)
+    recompute: bool = False  # placement matrix: score with the model even when a matrix is there
     batch_size: int = 8
     num_gpus: float = -1  # -1: one GPU per actor when the cluster has GPUs, else CPU actors
     actors: int = 1
+
+    def problem(self) -> str | None:
+        """What makes this setting contradict itself (checked at load and by the stage), or None."""
+        if self.placement not in PLACEMENTS:
+            return f"similarity.placement={self.placement!r} is not valid; choose one of {', '.join(PLACEMENTS)}"
+        if self.placement == "clip" and not self.model:
+            return ("similarity.placement=clip needs similarity.model (a CLIP folder or hub id); set it, "
+                    "or use placement source or matrix")
+        if self.placement == "source" and self.recompute:
+            return ("similarity.recompute=true re-scores images, which placement=source never does (it keeps "
+                    "the dataset's placements); set similarity.placement=clip to re-assign with the model")
+        if self.placement == "source" and self.model:
+            return (f"similarity.model={self.model!r} is set but placement=source never uses it (it keeps the "
+                    "dataset's placements); set similarity.placement=matrix or clip, or unset the model")
+        return None
 
     def effective_threshold(self) -> float:
         if self.threshold is not None:
             return self.threshold
         return 0.15 if self.style == "mmc4" else 0.25
+
+
+@dataclass
+class SafetyConfig:
+    """Safety rules (pipelines/curate/safety.py); each is off until configured (0, no path)."""
+
+    nsfw_model: str | None = None  # folder written by NSFWClassifier.save_pretrained
+    nsfw_threshold: float | None = None  # None: the classifier's own (config.json "threshold")
+    drop_faces: bool = False  # drop images with faces (the data's face_detections, else the detector)
+    face_detector: str | None = None  # OpenCV Haar/LBP cascade XML, used where the data has no field
+    stop_words_min_ratio: float = 0.0  # e.g. 0.3: documents whose words are < 30% stop words go
+    stop_words_file: str | None = None  # one word per line; default: safety.ENGLISH_STOP_WORDS
+    flagged_words_max_ratio: float = 0.0  # e.g. 0.01, with flagged_words_file
+    flagged_words_file: str | None = None
+    language_model: str | None = None  # fastText language identification model (.bin / .ftz)
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    language_min_score: float = 0.5
+
+    def problems(self) -> list[str]:
+        """Configured paths that do not exist, and inconsistent settings: one line each."""
+        out = []
+        for key in ("nsfw_model", "face_detector", "stop_words_file", "flagged_words_file", "language_model"):
+            path = getattr(self, key)
+            if path and not Path(path).exists():
+                out.append(f"safety.{key}={path} does not exist; give the path of the file/folder or unset it")
+        if self.flagged_words_max_ratio > 0 and not self.flagged_words_file:
+            out.append("safety.flagged_words_max_ratio is set but safety.flagged_words_file is not; "
+                       "give a file of flagged words (one per line)")
+        if self.face_detector and not self.drop_faces:
+            out.append("safety.face_detector is set but safety.drop_faces is false; set drop_faces: true")
+        return out
 
 
 @dataclass
@@ -107,6 +163,7 @@ class CurateConfig:
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     shards_per_commit: int = 8  # input shards per published group (the resume granularity)
     progress: bool = True
@@ -122,6 +179,8 @@ class CurateConfig:
         for key, value, choices in checks:
             if value not in choices:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+        if self.similarity.problem():
+            raise ConfigError(self.similarity.problem())
         if self.shards_per_commit < 1:
             raise ConfigError("shards_per_commit must be >= 1")
 

@@ -5,19 +5,30 @@ X-Robots-Tag opt-out, resize modes through its own `Resizer`, sha256, sizes, a s
 image). On top: an SSRF guard re-checked on every redirect (redirects are followed here, bounded),
 a byte cap, a pixel cap read from the header before any full decode, content sniffing, truncation
 checks, and a per-host concurrency bound. Every outcome is a reason string, never an exception.
+
+Every connection (http and https) goes to the address the SSRF guard checked: the URL is
+rewritten to that IP, and https keeps the hostname for SNI and certificate checks. The per-host
+bound holds across every crawl process of a Ray job (one small named actor), and per process
+outside Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import io
 import ipaddress
 import os
 import socket
+import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
@@ -53,16 +64,20 @@ class Fetched:
 # SSRF guard
 
 
-def check_address(host: str, port: int, allow_private: bool) -> str:
+Resolver = Callable[[str, int], list[str]]  # (host, port) -> addresses, as _resolve
+
+
+def check_address(host: str, port: int, allow_private: bool, resolve: Resolver | None = None) -> str:
     """Resolve `host`; refuse private/loopback/link-local/multicast/reserved unless allowed.
 
     Link-local (169.254/16, fe80::/10: cloud metadata services) stays refused even when private
     networks are allowed: no demo or test needs it and it is the classic SSRF target.
 
-    Returns one resolved address; http requests connect to it, so a DNS answer that changes
-    between check and connect (rebinding) cannot reach a refused address.
+    Returns one resolved address; requests connect to it, so a DNS answer that changes between
+    check and connect (rebinding) cannot reach a refused address. `resolve` replaces the system
+    resolver (tests; a custom DNS).
     """
-    addresses = _resolve(host, port)
+    addresses = (resolve or _resolve)(host, port)
     for addr in addresses:
         ip = ipaddress.ip_address(addr.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -101,25 +116,39 @@ def _resolve(host: str, port: int) -> list[str]:
     return hit[1]
 
 
-def _pinned(url: str, allow_private: bool) -> tuple[str, dict[str, str]]:
-    """Check scheme and address; for http, rewrite the URL to the checked IP with a Host header."""
+def _pinned(url: str, allow_private: bool, resolve: Resolver | None = None) -> tuple[str, dict[str, str]]:
+    """Check scheme and address; rewrite the URL to the checked IP, the host name in a Host header
+    (for https, PinnedAdapter also takes SNI and the certificate check from that header)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise Refused("bad_scheme", f"only http/https URLs are fetched, got {parts.scheme or 'none'!r}")
     if not parts.hostname:
         raise Refused("bad_url", f"URL {url!r} has no host")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    addr = check_address(parts.hostname, port, allow_private)
-    if parts.scheme == "https":
-        return url, {}  # TLS needs the hostname (SNI, certificate); the address was checked
+    addr = check_address(parts.hostname, port, allow_private, resolve)
     host_header = parts.netloc.rsplit("@", 1)[-1]
     ip_host = f"[{addr}]" if ":" in addr else addr
     netloc = f"{ip_host}:{parts.port}" if parts.port else ip_host
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), {"Host": host_header}
 
 
+class PinnedAdapter(requests.adapters.HTTPAdapter):
+    """Connects https to the checked IP in the URL while TLS uses the Host header's name: SNI and
+    certificate verification against the host name, the socket to the address the guard passed."""
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: bool | str, cert: object = None
+    ) -> tuple[dict, dict]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        name = urlsplit("//" + request.headers.get("Host", "")).hostname
+        if host_params["scheme"] == "https" and name:
+            # Part of urllib3's pool key: a pool (and its kept-alive sockets) serves one name only.
+            pool_kwargs.update(server_hostname=name, assert_hostname=name)
+        return host_params, pool_kwargs
+
+
 # ----------------------------------------------------------------------------------------------
-# Per-host concurrency (shared by every block a worker process runs)
+# Per-host concurrency: across the whole Ray job (HostSlots actor), or per process outside Ray
 
 _HOST_LOCK = threading.Lock()
 _HOST_SEMAPHORES: dict[tuple[str, int], threading.BoundedSemaphore] = {}
@@ -131,6 +160,148 @@ def _host_slot(host: str, limit: int) -> threading.BoundedSemaphore:
         if key not in _HOST_SEMAPHORES:
             _HOST_SEMAPHORES[key] = threading.BoundedSemaphore(limit)
         return _HOST_SEMAPHORES[key]
+
+
+class LocalHostSlots:
+    """Per-process bound: shared by every thread and block of one worker process."""
+
+    @contextlib.contextmanager
+    def hold(self, host: str, limit: int) -> Iterator[None]:
+        with _host_slot(host, limit):
+            yield
+
+
+class HostSlots:
+    """A counting semaphore per host, with leases: a slot whose holder died (a crashed worker)
+    frees itself after `lease_s`. Plain asyncio, so it runs (and is tested) without Ray; a job
+    hosts one as a detached Ray actor (RayHostSlots), which ends itself after `idle_s` with no
+    calls and no leases: no driver owns it (job.py never sees it), so nothing else would."""
+
+    def __init__(self, idle_s: float | None = None):
+        self.leases: dict[str, dict[str, float]] = {}  # host -> {lease id: expiry (monotonic)}
+        self.users: dict[str, int] = {}  # host -> acquire calls in progress (waiting included)
+        self.conds: dict[str, asyncio.Condition] = {}
+        self.expired = 0
+        self.idle_s = idle_s
+        self.last_call = time.monotonic()
+        self._watch: asyncio.Task | None = None
+
+    async def acquire(self, host: str, limit: int, lease_s: float) -> str:
+        self._touch()
+        cond = self.conds.setdefault(host, asyncio.Condition())
+        self.users[host] = self.users.get(host, 0) + 1  # no await since setdefault: release sees it
+        try:
+            async with cond:
+                held = self.leases.setdefault(host, {})
+                while True:
+                    now = time.monotonic()
+                    for lease in [k for k, t in held.items() if t <= now]:
+                        del held[lease]
+                        self.expired += 1
+                    if len(held) < max(limit, 1):
+                        lease = uuid.uuid4().hex
+                        held[lease] = now + lease_s
+                        return lease
+                    try:  # woken by a release, or when the first lease expires
+                        await asyncio.wait_for(cond.wait(), timeout=min(held.values()) - now)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            self.users[host] -= 1
+
+    async def release(self, host: str, lease: str) -> None:
+        self._touch()
+        cond = self.conds.get(host)
+        if cond is None:
+            return
+        async with cond:
+            held = self.leases.get(host, {})
+            held.pop(lease, None)
+            if self.users.get(host):
+                cond.notify()
+            elif not held:  # millions of hosts pass through a crawl: keep state for busy ones only
+                for table in (self.leases, self.users, self.conds):
+                    table.pop(host, None)
+
+    def stats(self) -> dict[str, int]:
+        return {"hosts": len(self.conds), "held": sum(map(len, self.leases.values())), "expired": self.expired}
+
+    def _touch(self) -> None:
+        self.last_call = time.monotonic()
+        if self.idle_s is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._exit_when_idle())
+
+    async def _exit_when_idle(self) -> None:
+        import ray
+
+        def busy() -> bool:  # recent calls, or a lease not yet expired (a crashed holder's expires)
+            now = time.monotonic()
+            return now - self.last_call < self.idle_s or any(
+                t > now for held in self.leases.values() for t in held.values())
+
+        while busy():
+            await asyncio.sleep(min(self.idle_s, 30.0))
+        ray.get_runtime_context().current_actor.__ray_terminate__.remote()
+
+
+NAMESPACE = "dreamcore-crawl"  # detached actors need a named namespace to be found again
+
+
+class RayHostSlots:
+    """Client of the job's HostSlots actor: one round trip to acquire, a fire-and-forget release.
+    Falls back to the per-process bound if the actor cannot be reached: the limiter never loses
+    a fetch."""
+
+    def __init__(self, lease_s: float, idle_s: float = 600.0, name: str | None = None):
+        self.lease_s, self.idle_s, self.name = lease_s, idle_s, name
+        self.actor = None
+        self.local = LocalHostSlots()
+
+    def _actor(self) -> Any:  # a Ray ActorHandle of HostSlots
+        import ray
+
+        if self.actor is None:
+            # One per job: every crawl task of the job finds it by name; the first creates it.
+            name = self.name or f"dreamcore-crawl-host-slots-{ray.get_runtime_context().get_job_id()}"
+            self.actor = ray.remote(HostSlots).options(
+                name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
+                max_concurrency=1000,
+            ).remote(self.idle_s)
+        return self.actor
+
+    def _acquire(self, host: str, limit: int) -> tuple[Any, str] | None:
+        import ray
+
+        for _ in range(2):  # a second try covers an actor that exited (idle) or died
+            actor = self._actor()
+            try:
+                return actor, ray.get(actor.acquire.remote(host, limit, self.lease_s))
+            except ray.exceptions.RayActorError:
+                self.actor = None
+        return None
+
+    @contextlib.contextmanager
+    def hold(self, host: str, limit: int) -> Iterator[None]:
+        got = self._acquire(host, limit)
+        if got is None:
+            with self.local.hold(host, limit):
+                yield
+            return
+        actor, lease = got
+        try:
+            yield
+        finally:
+            actor.release.remote(host, lease)
+
+
+def host_slots(cfg: CrawlConfig) -> LocalHostSlots | RayHostSlots:
+    """The job-wide bound inside a Ray job; the per-process one elsewhere (no Ray import)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        # A hop holds its slot at most: connect + headers (timeout each) + body deadline
+        # (2 x timeout, checked per chunk read of up to one timeout); then the lease frees it.
+        return RayHostSlots(lease_s=5 * cfg.timeout_s + 5)
+    return LocalHostSlots()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,11 +325,18 @@ def robots_opt_out(values: list[str], directives: list[str], token: str | None) 
 
 
 class Fetcher:
-    """One requests.Session per thread; fetch() follows redirects itself, re-checking each hop."""
+    """One requests.Session per thread; fetch() follows redirects itself, re-checking each hop.
 
-    def __init__(self, cfg: CrawlConfig):
+    `resolve` replaces the system resolver, `verify` is requests' (True, or a CA bundle path),
+    `slots` the per-host bound (default: host_slots(cfg)); tests inject all three.
+    """
+
+    def __init__(self, cfg: CrawlConfig, resolve: Resolver | None = None, verify: bool | str = True,
+                 slots: LocalHostSlots | RayHostSlots | None = None):
         self.cfg = cfg
         self.user_agent = USER_AGENT + (f" {cfg.user_agent_token}" if cfg.user_agent_token else "")
+        self.resolve, self.verify = resolve, verify
+        self.slots = slots or host_slots(cfg)
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
@@ -166,7 +344,8 @@ class Fetcher:
         if s is None:
             s = requests.Session()
             s.trust_env = False  # no proxies from the environment: the guard checks the real peer
-            adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=8, max_retries=0)
+            s.verify = self.verify
+            adapter = PinnedAdapter(pool_connections=8, pool_maxsize=8, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             self._local.session = s
@@ -192,10 +371,10 @@ class Fetcher:
         cfg = self.cfg
         current = url
         for _hop in range(cfg.max_redirects + 1):
-            target, extra = _pinned(current, cfg.allow_private_networks)
+            target, extra = _pinned(current, cfg.allow_private_networks, self.resolve)
             host = urlsplit(current).hostname or ""
             headers = {"User-Agent": self.user_agent, **extra}
-            with _host_slot(host, cfg.per_host_concurrency):
+            with self.slots.hold(host, cfg.per_host_concurrency):
                 try:
                     resp = self._session().get(
                         target, headers=headers, timeout=cfg.timeout_s, stream=True,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import FilterConfig
+from .config import FilterConfig, SafetyConfig
 
 
 def kept_images(doc: dict) -> list[dict]:
@@ -170,7 +170,7 @@ class FilterStage:
 
     stage = "filter"
 
-    def __init__(self, cfg: FilterConfig):
+    def __init__(self, cfg: FilterConfig, safety: SafetyConfig | None = None):
         self.image_rules: list = [ImageSizeRule(cfg.min_image_size, cfg.min_aspect_ratio, cfg.max_aspect_ratio)]
         self.doc_rules: list = [TextQualityRule(cfg.min_words, cfg.max_words, cfg.max_repetition_ratio,
                                                 cfg.max_special_char_ratio)]
@@ -178,6 +178,13 @@ class FilterStage:
         if optout.domains:
             self.image_rules.append(optout)
             self.doc_rules.insert(0, optout)
+        self.nsfw = None
+        if safety is not None:  # after the cheap rules: a model runs only on what they kept
+            from . import safety as rules
+
+            self.doc_rules += rules.document_rules(safety)
+            self.image_rules += rules.image_rules(safety)
+            self.nsfw = rules.NSFWRule(safety) if safety.nsfw_model else None
 
     def __call__(self, docs: list[dict]) -> list[dict]:
         for doc in docs:
@@ -198,6 +205,11 @@ class FilterStage:
                         name, detail = _split(reason)
                         drop_image(img, self.stage, name, detail)
                         break
+        if self.nsfw is not None:  # one classifier call over the batch's kept, crawled images
+            images = [img for doc in docs if not doc["drop_stage"] for img in kept_images(doc) if img.get("data")]
+            for img, reason in zip(images, self.nsfw.reasons(images)):
+                if reason:
+                    drop_image(img, self.stage, *_split(reason))
         return docs
 
 
@@ -220,14 +232,17 @@ class DocumentStage:
 
 
 # ----------------------------------------------------------------------------------------------
-# Dedup: decided on the driver from (doc_id, index, sha256, phash) of every kept image
+# Dedup rules. The job runs them distributed (dedup.py); `DedupRules.plan` is the same rule set in
+# one process, kept as the reference the distributed plan is tested and benchmarked against.
 
 
 @dataclass
 class DedupRules:
     """Exact (sha256) and near (perceptual hash) duplicates keep their first occurrence in
     (doc_id, index) order; an image in more than `max_documents` documents is dropped everywhere
-    (logos, banners, spacers: MMC4 removes them the same way)."""
+    (logos, banners, spacers: MMC4 removes them the same way). An image is a near duplicate when any
+    earlier exact survivor (or published image) lies within `near_distance` bits, dropped or not: a
+    decision that needs no sequential pass, so dedup.py can make it partition by partition."""
 
     exact: bool = True
     near_distance: int = 4  # -1: off
@@ -268,35 +283,46 @@ class DedupRules:
             if near is not None and ph:
                 h = int(ph, 16)
                 hit = near.find(h)
+                near.add(h, key)  # dropped or not: the rule compares against every earlier survivor
                 if hit is not None:
                     drops[key] = ("near_duplicate_image", f"perceptual hash within {self.near_distance} "
                                                           f"of {hit[0]} image {hit[1]}")
-                    continue
-                near.add(h, key)
         return drops
 
 
+def phash_bands(distance: int) -> list[tuple[int, int]]:
+    """(shift, mask) of distance+1 bit bands of a 64-bit hash: two hashes within Hamming distance
+    `distance` differ in at most `distance` bands, so they agree exactly on one (pigeonhole)."""
+    n = distance + 1
+    edges = [round(i * 64 / n) for i in range(n + 1)]
+    return [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+
+
 class _NearIndex:
-    """64-bit hashes within Hamming distance d share one of d+1 bit bands exactly (pigeonhole),
-    so candidates come from band buckets instead of a scan over every kept hash."""
+    """Candidates come from band buckets (see `phash_bands`) instead of a scan over every hash;
+    `find` returns the earliest added hash within the distance."""
 
     def __init__(self, distance: int):
         self.distance = distance
-        n = distance + 1
-        edges = [round(i * 64 / n) for i in range(n + 1)]
-        self.bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
-        self.buckets: list[dict[int, list[tuple[int, tuple[str, int]]]]] = [defaultdict(list) for _ in self.bands]
+        self.bands = phash_bands(distance)
+        self.buckets: list[dict[int, list[tuple[int, int]]]] = [defaultdict(list) for _ in self.bands]
+        self.keys: list[tuple[str, int]] = []  # in the order added: list position = rank
 
     def add(self, h: int, key: tuple[str, int]) -> None:
         for (lo, mask), bucket in zip(self.bands, self.buckets):
-            bucket[(h >> lo) & mask].append((h, key))
+            bucket[(h >> lo) & mask].append((h, len(self.keys)))
+        self.keys.append(key)
 
     def find(self, h: int) -> tuple[str, int] | None:
+        best = None
         for (lo, mask), bucket in zip(self.bands, self.buckets):
-            for v, key in bucket.get((h >> lo) & mask, ()):
-                if bin(v ^ h).count("1") <= self.distance:
-                    return key
-        return None
+            for v, rank in bucket.get((h >> lo) & mask, ()):  # listed in the order added
+                if best is not None and rank >= best:
+                    break
+                if (v ^ h).bit_count() <= self.distance:
+                    best = rank
+                    break
+        return None if best is None else self.keys[best]
 
 
 def apply_plan(docs: list[dict], drops: dict[tuple[str, int], tuple[str, str]], stage: str) -> list[dict]:

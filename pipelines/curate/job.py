@@ -3,7 +3,7 @@
 1. read      Ray Data reads each shard (any pyarrow/fsspec filesystem); bad lines become drop rows
 2. crawl     thread pool per block: fetch, guard, verify, resize (crawl.py)
 3. filter    image size/aspect, opt-out domains, text quality (filters.py)
-4. dedup     exact/near duplicates and repeated images, planned on the driver from hashes only
+4. dedup     exact/near duplicates and repeated images, hash-partitioned in Ray Data (dedup.py)
 5. similarity MMC4 assignment (CLIP actors on GPU when the cluster has GPUs, else CPU)
 6. documents min/max images and sentences
 7. tokenize  DreamLLM layout, then fixed-length rows (pack or truncate)
@@ -42,6 +42,7 @@ from dreamcore.schema import (
 from dreamcore.tokenizer import DreamTokenizer
 from pipelines.ray_env import ray_init
 
+from . import dedup
 from . import manifest as mf
 from .config import CurateConfig
 from .crawl import Crawler
@@ -53,6 +54,7 @@ from .tokenize import encode_doc, pack_docs, tokenizer_for, train_tokenizer
 # Internal state; "_" so readers that glob DIR for samples (and pyarrow datasets) skip it.
 STATE = "_state"
 HASHES_SCHEMA = pa.schema([("sha256", pa.string()), ("phash", pa.string())])
+HASHES_ROWS_PER_FILE = 1_000_000  # ~80 MB files in DIR/_state: few files per group, not one per block
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -82,29 +84,32 @@ def _crawler(cfg_json: str, image_size: int) -> Crawler:
     return Crawler(CrawlConfig(**json.loads(cfg_json)), image_size)
 
 
-def crawl_filter_udf(batch: pa.Table, crawl_json: str, image_size: int, filter_cfg: Any) -> pa.Table:
+def crawl_filter_udf(batch: pa.Table, crawl_json: str, image_size: int, filter_cfg: Any,
+                     safety_cfg: Any = None) -> pa.Table:
     docs = _crawler(crawl_json, image_size).crawl_docs(_rows(batch))
-    docs = FilterStage(filter_cfg)(docs)
+    docs = FilterStage(filter_cfg, safety_cfg)(docs)
     return rows_to_table(docs)
 
 
 def hash_keys_udf(batch: pa.Table) -> pa.Table:
-    out = {"doc_id": [], "index": [], "sha256": [], "phash": []}
-    for doc in _rows(batch.select(["doc_id", "drop_stage", "images"])):
+    """One row per image still kept: its place (shard, doc_id, index) and hashes; no bytes."""
+    out: dict[str, list] = {name: [] for name in dedup.KEYS_SCHEMA.names}
+    for doc in _rows(batch.select(["shard", "doc_id", "drop_stage", "images"])):
         if doc["drop_stage"]:
             continue
         for i, img in enumerate(doc["images"]):
             if not img["drop_stage"]:
-                out["doc_id"].append(doc["doc_id"])
-                out["index"].append(i)
-                out["sha256"].append(img["sha256"])
-                out["phash"].append(img["phash"])
-    return pa.table(out, schema=pa.schema([("doc_id", pa.string()), ("index", pa.int32()),
-                                           ("sha256", pa.string()), ("phash", pa.string())]))
+                for k, v in zip(out, (doc["shard"], doc["doc_id"], i, img["sha256"], img["phash"])):
+                    out[k].append(v)
+    return pa.table(out, schema=dedup.KEYS_SCHEMA)
 
 
-def dedup_udf(batch: pa.Table, plan_ref: ray.ObjectRef) -> pa.Table:
-    return rows_to_table(apply_plan(_rows(batch), ray.get(plan_ref), "dedup"))
+def dedup_udf(batch: pa.Table, plan_dir: str) -> pa.Table:
+    """Applies the drops dedup.plan wrote for the shards of this batch (one file per shard)."""
+    docs = _rows(batch)
+    for shard in {d["shard"] for d in docs}:
+        apply_plan([d for d in docs if d["shard"] == shard], dedup.read_drops(plan_dir, shard), "dedup")
+    return rows_to_table(docs)
 
 
 class SimilarityUDF:
@@ -179,7 +184,7 @@ def _clean_orphans(out: Path, manifest: dict) -> None:
             rel = f"{sub}/{f.name}"
             if sub != STATE and rel not in listed:
                 f.unlink()
-            if sub == STATE and f.stem.split("-")[-1] not in {g["id"] for g in manifest["groups"]}:
+            if sub == STATE and f.stem.split("-")[1] not in {g["id"] for g in manifest["groups"]}:
                 f.unlink()
 
 
@@ -191,7 +196,10 @@ def _check_resume(manifest: dict, cfg: CurateConfig) -> None:
               "tokenize.packing": (old["tokenize"]["packing"], now["tokenize"]["packing"]),
               # Output folders curated before tokenize.pair_layout existed hold interleaved rows.
               "tokenize.pair_layout": (old["tokenize"].get("pair_layout", "interleaved"),
-                                       now["tokenize"]["pair_layout"])}
+                                       now["tokenize"]["pair_layout"]),
+              # Folders curated before similarity.placement existed placed images by the matrix.
+              "similarity.placement": (old["similarity"].get("placement", "matrix"),
+                                       now["similarity"]["placement"])}
     for key, (was, is_now) in pinned.items():
         if was != is_now:
             raise CurateError(
@@ -225,9 +233,21 @@ def _prepare_tokenizer(out: Path, cfg: CurateConfig, kept_texts: Any) -> DreamTo
 
 
 def _check_models(cfg: CurateConfig) -> None:
-    """Fail before any Ray work when a configured model path cannot be loaded."""
+    """Fail before any Ray work when a configured model or word list cannot be loaded."""
+    problems = [p for p in [cfg.similarity.problem()] if p] + cfg.safety.problems()
+    if problems:
+        raise CurateError("; ".join(problems))
+    for kind, path in (("fasttext", cfg.safety.language_model), ("cascade", cfg.safety.face_detector),
+                       ("nsfw", cfg.safety.nsfw_model)):
+        if path:
+            from . import safety
+
+            try:
+                safety.load_model(kind, path)
+            except ValueError as e:
+                raise CurateError(str(e)) from None
     model = cfg.similarity.model
-    if model and cfg.similarity.enabled:
+    if model and cfg.similarity.enabled and cfg.similarity.placement != "source":
         from transformers import AutoConfig
 
         try:
@@ -319,14 +339,14 @@ def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -
     if docs.count() == 0:  # shards too large for the driver's check, yet empty: nothing to dedup
         _publish_nothing(group, gid, tmp, out, manifest, durations)
         return
-    docs = _dedup_similarity_documents(docs, out, cfg)
+    docs = _dedup_similarity_documents(docs, out, cfg, tmp / "dedup")
     t = _timed(durations, "dedup+similarity+documents", t)
     encoded = _tokenize_and_write(docs, out, cfg, manifest, tmp / "samples")
     t = _timed(durations, "tokenize", t)
     acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
     acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
     pq.write_table(acct.filter(pa.compute.not_equal(acct["stage"], "")), tmp / "rejected.parquet")
-    _write_hashes(encoded, tmp / "hashes.parquet")
+    _write_hashes(encoded, tmp / "hashes")
     _timed(durations, "write", t)
     _publish(group, gid, tmp, out, acct, manifest, durations)
 
@@ -341,26 +361,23 @@ def _read_crawl_filter(group: list[str], cfg: CurateConfig) -> ray.data.Dataset:
     return ds.map_batches(
         crawl_filter_udf, batch_size=cfg.crawl.batch_size, batch_format="pyarrow",
         fn_kwargs={"crawl_json": json.dumps(to_dict(cfg.crawl)), "image_size": cfg.image_size(),
-                   "filter_cfg": cfg.filter},
+                   "filter_cfg": cfg.filter, "safety_cfg": cfg.safety},
         num_cpus=cfg.crawl.num_cpus,
     ).materialize()
 
 
-def _dedup_similarity_documents(docs: ray.data.Dataset, out: Path, cfg: CurateConfig) -> ray.data.Dataset:
-    """Steps 4-6. Dedup is planned on the driver from hashes only (no image bytes move)."""
-    refs = docs.map_batches(hash_keys_udf, batch_format="pyarrow").to_arrow_refs()
-    keys = pa.concat_tables(ray.get(refs)) if refs else None
-    records = list(zip(*(keys.column(c).to_pylist() for c in ("doc_id", "index", "sha256", "phash")))) \
-        if keys is not None else []
-    seen = _seen_hashes(out)
+def _dedup_similarity_documents(docs: ray.data.Dataset, out: Path, cfg: CurateConfig,
+                                plan_dir: Path) -> ray.data.Dataset:
+    """Steps 4-6. Dedup is planned from hashes only, partitioned across the cluster (dedup.py):
+    its drops are written by shard under `plan_dir` and applied where the documents are."""
     rules = DedupRules(cfg.filter.dedup_exact, cfg.filter.near_duplicate_distance,
                        cfg.filter.max_documents_per_image)
-    plan = rules.plan(records, set(seen.column("sha256").to_pylist()),
-                      [int(h, 16) for h in seen.column("phash").to_pylist() if h])
-    docs = docs.map_batches(dedup_udf, batch_format="pyarrow", fn_kwargs={"plan_ref": ray.put(plan)})
+    keys = docs.map_batches(hash_keys_udf, batch_format="pyarrow")
+    if dedup.plan(keys, _seen_hashes(out), rules, plan_dir):
+        docs = docs.map_batches(dedup_udf, batch_format="pyarrow", fn_kwargs={"plan_dir": str(plan_dir)})
 
     sim = cfg.similarity
-    if sim.model:  # CLIP on actors: one model load per actor, a GPU each when the cluster has any
+    if sim.model and sim.placement != "source":  # CLIP on actors: one model load per actor, a GPU each when the cluster has any
         gpus = sim.num_gpus if sim.num_gpus >= 0 else (1.0 if _cluster_gpus() > 0 else 0.0)
         docs = docs.map_batches(
             SimilarityUDF, batch_size=sim.batch_size, batch_format="pyarrow",
@@ -422,7 +439,9 @@ def _publish(group: list[str], gid: str, tmp: Path, out: Path, acct: pa.Table, m
         os.replace(f, out / files[-1])
     rej_rel = f"rejected/rejected-{gid}.parquet"
     os.replace(tmp / "rejected.parquet", out / rej_rel)
-    os.replace(tmp / "hashes.parquet", out / STATE / f"hashes-{gid}.parquet")
+    hashes = sorted((tmp / "hashes").glob("*.parquet")) if (tmp / "hashes").exists() else []
+    for i, f in enumerate(hashes):
+        os.replace(f, out / STATE / f"hashes-{gid}-{i:05d}.parquet")
     shutil.rmtree(tmp, ignore_errors=True)
 
     manifest["stages"] = mf.merge_stages(manifest["stages"], stages)
@@ -441,9 +460,8 @@ def _publish(group: list[str], gid: str, tmp: Path, out: Path, acct: pa.Table, m
 
 def _publish_nothing(group: list[str], gid: str, tmp: Path, out: Path, manifest: dict,
                      durations: dict[str, float]) -> None:
-    """Publish a group whose shards hold no documents: zero counts, empty rejected and hash files."""
+    """Publish a group whose shards hold no documents: zero counts, an empty rejected file."""
     pq.write_table(REJECTED_SCHEMA.empty_table(), tmp / "rejected.parquet")
-    pq.write_table(HASHES_SCHEMA.empty_table(), tmp / "hashes.parquet")
     _publish(group, gid, tmp, out, REJECTED_SCHEMA.empty_table(), manifest, durations)
 
 
@@ -466,8 +484,9 @@ def _count_written(files: list[Path]) -> tuple[int, int, int]:
     return samples, len(rows_of), images - repeats
 
 
-def _write_hashes(encoded: Any, path: Path) -> None:
-    """Hashes of images that made it into samples: later shard groups dedup against them."""
+def _write_hashes(encoded: Any, folder: Path) -> None:
+    """Hashes of images that made it into samples, written by the workers (never gathered here):
+    later shard groups and runs dedup against them."""
     def keep(batch: pa.Table) -> pa.Table:
         out = {"sha256": [], "phash": []}
         for doc in batch.select(["drop_stage", "images"]).to_pylist():
@@ -476,16 +495,14 @@ def _write_hashes(encoded: Any, path: Path) -> None:
                 out["phash"].append(img["phash"])
         return pa.table(out, schema=HASHES_SCHEMA)
 
-    refs = encoded.map_batches(keep, batch_format="pyarrow").to_arrow_refs()
-    table = pa.concat_tables(ray.get(refs)) if refs else HASHES_SCHEMA.empty_table()
-    pq.write_table(table.cast(HASHES_SCHEMA), path)
+    encoded.map_batches(keep, batch_format="pyarrow").write_parquet(
+        str(folder), schema=HASHES_SCHEMA, min_rows_per_file=HASHES_ROWS_PER_FILE)
 
 
-def _seen_hashes(out: Path) -> pa.Table:
+def _seen_hashes(out: Path) -> ray.data.Dataset | None:
+    """Hashes published by earlier groups and runs, as a dataset the dedup partitions read."""
     files = sorted((out / STATE).glob("hashes-*.parquet")) if (out / STATE).exists() else []
-    if not files:
-        return HASHES_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f).cast(HASHES_SCHEMA) for f in files])
+    return ray.data.read_parquet([str(f) for f in files], schema=HASHES_SCHEMA) if files else None
 
 
 __all__ = ["curate", "check_output", "CurateError", "CURATE_DOC_SCHEMA"]

@@ -27,12 +27,22 @@ class InputError(ValueError):
     """An input path cannot be read; the message names it and says what is accepted."""
 
 
-def empty_image(url: str, matched_text_index: int = -1, matched_sim: float = float("nan")) -> dict:
+def empty_image(url: str, matched_text_index: int = -1, matched_sim: float = float("nan"),
+                face_count: int = -1) -> dict:
     return {
-        "url": url, "matched_text_index": matched_text_index, "matched_sim": matched_sim,
+        "url": url, "matched_text_index": matched_text_index, "matched_sim": matched_sim, "face_count": face_count,
         "drop_stage": "", "reason": "", "error": "", "http_status": 0, "sha256": "", "phash": "",
         "orig_width": 0, "orig_height": 0, "width": 0, "height": 0, "num_bytes": 0, "data": None,
     }
+
+
+def face_count(info: dict) -> int:
+    """MMC4's `face_detections` as a count: a list of detections, or null when none were found;
+    -1 when the record does not carry the field (safety.face_detector may look instead)."""
+    if "face_detections" not in info:
+        return -1
+    faces = info["face_detections"]
+    return len(faces) if isinstance(faces, list) else 0
 
 
 def _doc(doc_id: str, shard: str, url: str = "", texts=None, similarity=None, images=None) -> dict:
@@ -54,7 +64,10 @@ def _shard_name(path: str) -> str:
 
 
 def mmc4_record(record: Any, doc_id: str, shard: str) -> dict:
-    """One MMC4 JSON object -> document row (raises ValueError naming the bad field)."""
+    """One MMC4 JSON object -> document row (raises ValueError naming the bad field).
+
+    Each image keeps MMC4's own `matched_text_index` / `matched_sim`: with similarity.placement
+    "source" they are the placement the curated document keeps."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     texts = record.get("text_list")
@@ -67,11 +80,14 @@ def mmc4_record(record: Any, doc_id: str, shard: str) -> dict:
     for i, info in enumerate(infos):
         if not isinstance(info, dict) or not isinstance(info.get("raw_url"), str):
             raise ValueError(f"image_info[{i}] has no raw_url string")
-        idx = info.get("matched_text_index", -1)
+        idx = info.get("matched_text_index")
+        if idx is None:  # absent or null: no source placement (similarity.placement decides)
+            idx = -1
         if not isinstance(idx, int) or isinstance(idx, bool):
             raise ValueError(f"image_info[{i}].matched_text_index is not an integer")
         sim = info.get("matched_sim")
-        images.append(empty_image(info["raw_url"], idx, float(sim) if sim is not None else float("nan")))
+        images.append(empty_image(info["raw_url"], idx, float(sim) if sim is not None else float("nan"),
+                                  face_count(info)))
     sim_matrix = record.get("similarity_matrix") or []
     if sim_matrix and (
         len(sim_matrix) != len(images) or any(len(row) != len(texts) for row in sim_matrix)

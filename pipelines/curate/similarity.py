@@ -1,9 +1,19 @@
-"""Image-text similarity: MMC4's assignment of images to sentences, scored by CLIP or taken from
-the document's own `similarity_matrix`.
+"""Image placement among sentences, and the similarity threshold that keeps an image.
 
-MMC4 assigns images to sentences with a linear assignment over the images x sentences cosine
-similarity matrix (at most one image per sentence), then drops images whose assigned similarity is
-below a threshold: 0.15 for MMC4, 0.25 for the "core" subsets. The scorer is a Hugging Face
+`similarity.placement` says who places images:
+- "source" (default): the dataset's own placement, kept as it is: MMC4's `matched_text_index`
+  (several images may share a sentence: 4 of the 107 real documents in ../shared do) and OBELICS
+  positions. A matrix shipped with a document does not always reproduce it (66 of those 417
+  images land elsewhere under a re-assignment), and those placements are the dataset. Only
+  `matched_sim` is checked against the threshold. An image without a source placement is dropped
+  (`no_source_placement`), so a "source" run holds source placements only.
+- "matrix": MMC4's assignment re-run over the document's `similarity_matrix` (CLIP scores for
+  documents without one when `similarity.model` is set; the given matches when neither).
+- "clip": MMC4's assignment over CLIP scores of every document.
+
+Re-assignment ("matrix", "clip") is MMC4's published rule: a linear assignment over the images x
+sentences cosine similarity matrix (at most one image per sentence), then a threshold on the
+assigned similarity: 0.15 for MMC4, 0.25 for the "core" subsets. The scorer is a Hugging Face
 CLIPModel (a folder or hub id); tests build a tiny one from config and save it to a tmp folder.
 """
 
@@ -72,6 +82,29 @@ def apply_given_matches(doc: dict, threshold: float) -> None:
             taken[idx] = 1
 
 
+NO_PLACEMENT = -1  # readers.empty_image's matched_text_index when the record carries none
+
+
+def apply_source_placement(doc: dict, threshold: float) -> None:
+    """Keep the dataset's placements; drop (with its reason) only what cannot be placed or scores
+    below the threshold. No one-image-per-sentence rule: that is the matrix assignment's rule,
+    not the source's."""
+    n = len(doc["texts"])
+    for img in doc["images"]:
+        if img["drop_stage"]:
+            continue
+        idx, sim = img["matched_text_index"], img["matched_sim"]
+        if idx == NO_PLACEMENT:
+            drop_image(img, STAGE, "no_source_placement",
+                       "the record gives no matched_text_index; similarity.placement=matrix places it "
+                       "from the similarity matrix")
+        elif not 0 <= idx < max(n, 1):
+            drop_image(img, STAGE, "matched_text_index_out_of_range",
+                       f"matched_text_index {idx} outside the {n} sentences")
+        elif not math.isnan(sim) and sim < threshold:
+            drop_image(img, STAGE, "low_similarity", f"matched_sim {sim:.3f} < {threshold}")
+
+
 class ClipScorer:
     """Cosine similarities of images and sentences with a CLIPModel (GPU when one is visible)."""
 
@@ -122,9 +155,12 @@ class SimilarityStage:
     stage = STAGE
 
     def __init__(self, cfg: SimilarityConfig, device: str | None = None):
+        if cfg.problem():  # a config changed after it was loaded skips CurateConfig's check
+            raise ValueError(cfg.problem())
         self.cfg = cfg
         self.threshold = cfg.effective_threshold()
-        self.scorer = ClipScorer(cfg.model, device) if cfg.model else None
+        use_model = cfg.model and cfg.placement != "source"  # "source" never scores: no model load
+        self.scorer = ClipScorer(cfg.model, device) if use_model else None
 
     def __call__(self, docs: list[dict]) -> list[dict]:
         if not self.cfg.enabled:
@@ -132,17 +168,25 @@ class SimilarityStage:
         for doc in docs:
             if doc["drop_stage"] or not any(not im["drop_stage"] for im in doc["images"]):
                 continue
-            matrix = doc["similarity"]
-            if self.scorer is not None and (self.cfg.recompute or not matrix):
-                # Images dropped earlier have no bytes: score the kept ones, -inf for the rest.
-                idx = [i for i, im in enumerate(doc["images"]) if not im["drop_stage"]]
-                scores = self.scorer.score(doc["texts"], [doc["images"][i]["data"] for i in idx])
-                sim = np.full((len(doc["images"]), len(doc["texts"])), -np.inf, dtype=np.float32)
-                sim[idx] = scores
-                doc["similarity"] = sim.tolist()
-                apply_assignment(doc, sim, self.threshold)
-            elif matrix:
-                apply_assignment(doc, np.asarray(matrix, dtype=np.float32), self.threshold)
-            else:
-                apply_given_matches(doc, self.threshold)
+            self.place(doc)
         return docs
+
+    def place(self, doc: dict) -> None:
+        """One kept document, in place (the per-document step; tests call it without Ray)."""
+        if self.cfg.placement == "source":
+            apply_source_placement(doc, self.threshold)
+            return
+        matrix = doc["similarity"]
+        recompute = self.cfg.recompute or self.cfg.placement == "clip"
+        if self.scorer is not None and (recompute or not matrix):
+            # Images dropped earlier have no bytes: score the kept ones, -inf for the rest.
+            idx = [i for i, im in enumerate(doc["images"]) if not im["drop_stage"]]
+            scores = self.scorer.score(doc["texts"], [doc["images"][i]["data"] for i in idx])
+            sim = np.full((len(doc["images"]), len(doc["texts"])), -np.inf, dtype=np.float32)
+            sim[idx] = scores
+            doc["similarity"] = sim.tolist()
+            apply_assignment(doc, sim, self.threshold)
+        elif matrix:
+            apply_assignment(doc, np.asarray(matrix, dtype=np.float32), self.threshold)
+        else:
+            apply_given_matches(doc, self.threshold)
