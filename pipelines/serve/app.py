@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from dreamcore import storage
 from dreamcore.config import ConfigError, load_config, merge, to_dict
 from pipelines.serve.config import ServeConfig, deployment_options, load_serve_config
 from pipelines.serve.deployments import ImageDecoder, Ingress, LLMServer
@@ -38,9 +39,20 @@ class ServeArgs(BaseModel):
 
 
 def check_checkpoint(path: str) -> str:
-    """An absolute checkpoint folder that holds config.json, or a ConfigError saying what is wrong."""
+    """An absolute checkpoint folder that holds config.json, or a ConfigError saying what is wrong.
+
+    An object-store URI (s3://bucket/run/model) is downloaded once into the local cache
+    (dreamcore.storage.cached_copy: $DREAMCORE_CACHE_DIR or ~/.cache/dreamcore) and that copy is
+    served; the replicas load a local folder either way. The copy is on the machine that builds the
+    app, so on a multi-node cluster every node serving it needs the same cache path (shared disk).
+    """
     if not path:
         raise ConfigError("no checkpoint given; pass --checkpoint DIR (a folder written by save_pretrained)")
+    if storage.is_uri(path):
+        storage.check_access(path, "checkpoint")
+        local = storage.cached_copy(path)
+        log.info("checkpoint %s: serving the local copy %s", path, local)
+        path = str(local)
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError(f"checkpoint {path} is not a folder; pass the folder save_pretrained wrote")

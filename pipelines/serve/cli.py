@@ -19,7 +19,8 @@ from pipelines.serve.config import ServeConfig
 
 # Named flags: shorthands for one ServeConfig key each, applied after --set.
 FLAGS = (
-    Flag("--checkpoint", "checkpoint", "folder written by save_pretrained (or training)", metavar="DIR"),
+    Flag("--checkpoint", "checkpoint", "folder written by save_pretrained (or training); an s3:// URI is "
+         "downloaded once into $DREAMCORE_CACHE_DIR (default ~/.cache/dreamcore)", metavar="DIR"),
     Flag("--host", "host", "HTTP host (default 127.0.0.1; without an API key always 127.0.0.1)"),
     Flag("--port", "port", "HTTP port (default 8000)", type=int),
 )

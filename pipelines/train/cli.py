@@ -5,6 +5,7 @@ Examples:
   dreamcore train --data /nfs/mmc4-tok@0.6 --data /nfs/pairs-tok@0.4 --output /nfs/runs/stage2 ...
   dreamcore train --data /nfs/mmc4-tok --output /nfs/runs/stage2 --model dreamllm-7b --gpu \
       --workers 64 --stage II --set init_from=/nfs/runs/stage1/model --address ray://head:10001
+  dreamcore train --data s3://corpus/mmc4-tok --output s3://runs/stage2 ...   (object storage)
 Running the same command again with the same --output resumes from its latest checkpoint.
 Configuration (pipelines/train/config.py): the --model preset <- --config FILE <- --set <- flags.
 """
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "weighted mixture, e.g. --data mmc4@0.6 --data pairs@0.4 (weights default to 1; "
                              "= --set data.mixture=[{path: FOLDER, weight: WEIGHT}, ...]; needed unless "
                              "--config sets data.mixture)"),
-    parser.add_argument("--output", required=True, help="run folder: checkpoints, metrics, model/ export")
+    parser.add_argument("--output", required=True, help="run folder: checkpoints, metrics, model/ export; a local "
+                        "folder or an s3://bucket/prefix URI (as --data; see docs/operations.md, Object storage)")
     parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
                         help="model preset the configuration starts from (default tiny)")
     add_config_arguments(parser, FLAGS, config_help="YAML file of TrainConfig fields (see pipelines/train/config.py)",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from dreamcore import storage
 from dreamcore.config import ConfigError, ModelConfig
 from dreamcore.schema import SAMPLE_SCHEMA, SCHEMA_VERSION
 
@@ -67,24 +69,26 @@ def dataset_key(index: int) -> str:
     return f"d{index}"
 
 
-def parquet_files(data_dir: str | Path) -> list[Path]:
-    """The sample shards of a curated data folder, sorted (a stable order for resume)."""
-    root = Path(data_dir)
-    if not root.is_dir():
+def parquet_files(data_dir: str | Path) -> list[str]:
+    """The sample shards of a curated data folder (local or object-store URI), sorted (a stable order
+    for resume), spelled as `data_dir` is."""
+    root = str(data_dir)
+    if not storage.is_dir(root):
         raise ConfigError(f"--data {root}: no such folder; point it at the output folder of `dreamcore curate`")
-    manifest = root / "manifest.json"
+    present = set(storage.list_files(root))  # one listing: per-file checks cost a request each on S3
     # The curation manifest lists exactly the published sample shards (never rejected/ or temp
     # files); a hand-made folder without that list (tests, bench/) is globbed instead.
-    listed = json.loads(manifest.read_text()).get("outputs", {}).get("files", []) if manifest.is_file() else []
+    listed = (json.loads(storage.read_text(storage.join(root, "manifest.json"))).get("outputs", {}).get("files", [])
+              if "manifest.json" in present else [])
     if listed:
-        files = sorted(root / f for f in listed)
-        absent = [str(f) for f in files if not f.is_file()]
+        files = sorted(storage.join(root, f) for f in listed)
+        absent = [storage.join(root, f) for f in listed if Path(f).as_posix() not in present]
         if absent:
             raise ConfigError(f"--data {root}: manifest.json lists shards that are missing: {absent[:3]}; "
                               "re-run `dreamcore curate` into the same folder to repair it")
     else:
-        files = sorted(p for p in root.rglob("*.parquet")
-                       if not any(s.startswith((".", "_")) or s == "rejected" for s in p.relative_to(root).parts))
+        files = [storage.join(root, f) for f in sorted(present) if f.endswith(".parquet") and not any(
+            s.startswith((".", "_")) or s == "rejected" for s in f.split("/"))]
     if not files:
         raise ConfigError(
             f"--data {root}: no .parquet shards found; run `dreamcore curate --output {root}` first"
@@ -92,13 +96,15 @@ def parquet_files(data_dir: str | Path) -> list[Path]:
     return files
 
 
-def check_data_folder(data_dir: str | Path, model: ModelConfig) -> list[Path]:
+def check_data_folder(data_dir: str | Path, model: ModelConfig) -> list[str]:
     """Fail early, naming the file and the fix, when the data cannot feed this model config."""
-    root = Path(data_dir)
+    root = str(data_dir)
     files = parquet_files(root)
-    if not (root / "tokenizer").is_dir():
+    if not storage.is_dir(storage.join(root, "tokenizer")):
         raise ConfigError(f"--data {root}: no tokenizer/ folder; curation writes it next to the shards")
-    schema = pq.read_schema(files[0])
+    with open_parquet(files[0]) as first_file:
+        schema = first_file.schema_arrow
+        first = first_file.read_row_group(0, columns=["input_ids"]).column("input_ids")
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     version = meta.get("dreamcore.schema_version")
     if version is not None and version != SCHEMA_VERSION:
@@ -109,7 +115,6 @@ def check_data_folder(data_dir: str | Path, model: ModelConfig) -> list[Path]:
     missing = [n for n in SAMPLE_SCHEMA.names if n not in schema.names]
     if missing:
         raise ConfigError(f"{files[0]}: missing columns {missing}; expected dreamcore.schema.SAMPLE_SCHEMA")
-    first = pq.ParquetFile(files[0]).read_row_group(0, columns=["input_ids"]).column("input_ids")
     if len(first) and len(first[0]) != model.max_seq_len:
         raise ConfigError(
             f"{files[0]}: rows hold {len(first[0])} tokens but model.max_seq_len={model.max_seq_len}; "
@@ -119,8 +124,16 @@ def check_data_folder(data_dir: str | Path, model: ModelConfig) -> list[Path]:
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    path = storage.join(data_dir, "manifest.json")
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else {}
+
+
+@contextmanager
+def open_parquet(file: str | Path) -> Iterator[pq.ParquetFile]:
+    """A Parquet file of a local folder or an object store, closed after use."""
+    fs, path = storage.filesystem(file)
+    with fs.open_input_file(path) as f:
+        yield pq.ParquetFile(f)
 
 
 def decode_rows(columns: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -130,11 +143,20 @@ def decode_rows(columns: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, n
     return decode_batch(columns, cfg)
 
 
-def build_dataset(files: list[Path], model: ModelConfig, decode_batch_rows: int):
-    """read_parquet -> map_batches(decode) as a lazy Ray Dataset (executed by the workers' shards)."""
+def build_dataset(files: Sequence[str | Path], model: ModelConfig, decode_batch_rows: int):
+    """read_parquet -> map_batches(decode) as a lazy Ray Dataset (executed by the workers' shards).
+
+    Shards in an object store are read through the same pyarrow filesystem the checks used, so the
+    endpoint and credentials of the driver's environment reach Ray Data's read tasks.
+    """
     import ray.data
 
-    ds = ray.data.read_parquet([str(f) for f in files], columns=SAMPLE_SCHEMA.names)
+    if files and storage.is_uri(files[0]):
+        fs, _ = storage.filesystem(files[0])
+        paths = [storage.filesystem(f)[1] for f in files]
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=SAMPLE_SCHEMA.names)
+    else:
+        ds = ray.data.read_parquet([str(f) for f in files], columns=SAMPLE_SCHEMA.names)
     # The data position of a checkpoint must mean the same rows on resume (also in local mode,
     # where the dataset is iterated directly instead of through Ray Train's DataConfig).
     ds.context.execution_options.preserve_order = True
@@ -146,17 +168,20 @@ def build_dataset(files: list[Path], model: ModelConfig, decode_batch_rows: int)
     )
 
 
-def decoded_size_mib(files: list[Path], model: ModelConfig, sample_rows: int = 4) -> float:
+def decoded_size_mib(files: Sequence[str | Path], model: ModelConfig, sample_rows: int = 4) -> float:
     """Estimated size of the decoded dataset: total rows x the bytes of a few decoded rows.
 
     Reads only Parquet footers plus `sample_rows` rows, so it is cheap on any corpus size."""
     from dreamcore.batch import decode_batch
 
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    rows = 0
+    for f in files:
+        with open_parquet(f) as pf:
+            rows += pf.metadata.num_rows
     if rows == 0:
         return 0.0
-    first = pq.ParquetFile(files[0])
-    sample = first.read_row_group(0, columns=SAMPLE_SCHEMA.names).slice(0, sample_rows).to_pydict()
+    with open_parquet(files[0]) as first:
+        sample = first.read_row_group(0, columns=SAMPLE_SCHEMA.names).slice(0, sample_rows).to_pydict()
     n = len(sample["input_ids"])
     decoded = decode_batch(sample, model)
     per_row = sum(a.nbytes for a in decoded.values()) / max(1, n)

@@ -5,19 +5,30 @@ or None to train on the folders and weights of `cfg.data.mixture`. The run folde
 storage for this run (`RunConfig(storage_path=parent, name=folder name)`): relaunching with the same
 folder resumes from its latest checkpoint. It also holds train_config.yaml, deepspeed_config.json,
 metrics.jsonl/.csv, tensorboard/ and, at the end, model/ (the export that serving loads).
+
+Data folders, `init_from` and the run folder may be object-store URIs (s3://bucket/prefix; see
+dreamcore/storage.py). Ray Train then keeps checkpoints in the bucket (`RunConfig(storage_filesystem)`),
+and `_loop_on_object_storage` wraps the unchanged per-worker loop: it fetches what the loop reads
+from local disk (the tokenizer, init_from) and publishes what it writes there (metrics, model/).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dreamcore.config import ConfigError, save_yaml, to_dict
+from dreamcore import storage
+from dreamcore.config import ConfigError, to_dict
 from pipelines.train.config import MixtureEntry, TrainConfig
 from pipelines.train.data import (
     build_dataset,
@@ -37,13 +48,13 @@ WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_DISABLE
 class TrainResult:
     """What a finished run leaves: the step reached, the export folder, the last checkpointed metrics."""
 
-    run_dir: Path
-    export_dir: Path
+    run_dir: Path | str  # a str when the run folder is an object-store URI
+    export_dir: Path | str
     steps: int
     metrics: dict[str, Any]
 
 
-def _check_model_matches_data(cfg: TrainConfig, data_dir: Path) -> None:
+def _check_model_matches_data(cfg: TrainConfig, data_dir: str) -> None:
     """The manifest records the model layout curation tokenized for; a different one is an error."""
     layout = read_manifest(data_dir).get("model")
     if layout is None:  # a folder without manifest.json: nothing to compare with
@@ -78,21 +89,23 @@ def resolve_mixture(cfg: TrainConfig, data_dir: str | Path | None) -> TrainConfi
     if not mixture:
         raise ConfigError("no training data: pass --data FOLDER[@WEIGHT] (repeatable) or set data.mixture "
                           "(a list of {path, weight}) in --config")
-    data = replace(cfg.data, mixture=[replace(e, path=str(Path(e.path).resolve())) for e in mixture])
+    data = replace(cfg.data, mixture=[replace(e, path=storage.resolve(e.path)) for e in mixture])
     entries = [MixtureEntry(path=e.path, weight=w, name=n)
                for e, w, n in zip(data.mixture, data.weights(), data.names())]
     return replace(cfg, data=replace(data, mixture=entries)).validate()
 
 
-def _check_same_tokenizer(folders: list[Path]) -> None:
+def _check_same_tokenizer(folders: list[str]) -> None:
     """Every folder of a mixture must hold the same tokenizer: the model loads the first one's."""
     if len(folders) < 2:
         return
     from dreamcore.tokenizer import DreamTokenizer
 
-    def content_hash(folder: Path) -> str:
+    def content_hash(folder: str) -> str:
+        tokenizer = storage.join(folder, "tokenizer")
         try:
-            return DreamTokenizer.from_pretrained(folder / "tokenizer").content_hash()
+            local = storage.cached_copy(tokenizer) if storage.is_uri(tokenizer) else tokenizer
+            return DreamTokenizer.from_pretrained(local).content_hash()
         except (OSError, ValueError) as e:
             raise ConfigError(f"--data {folder}: cannot load tokenizer/ ({e})") from None
 
@@ -103,16 +116,16 @@ def _check_same_tokenizer(folders: list[Path]) -> None:
                 f"--data {folder}: its tokenizer/ differs from the one in {folders[0]} (the model loads the "
                 f"first folder's), so its token ids mean other tokens; curate every folder of a mixture with one "
                 f"tokenizer: re-run curation of {folder} with "
-                f"--set model_overrides.tokenizer.name_or_path={folders[0] / 'tokenizer'}"
+                f"--set model_overrides.tokenizer.name_or_path={storage.join(folders[0], 'tokenizer')}"
             )
 
 
-def _check_same_mixture(cfg: TrainConfig, run_dir: Path) -> None:
+def _check_same_mixture(cfg: TrainConfig, run_dir: str | Path) -> None:
     """A relaunch resumes each folder's position: the checkpointed run's mixture must be this one."""
-    previous = run_dir / "train_config.yaml"
-    if not previous.is_file() or not any(p.is_dir() for p in run_dir.glob("checkpoint_*")):
+    previous = storage.join(run_dir, "train_config.yaml")
+    if not storage.is_file(previous) or not any(d.startswith("checkpoint_") for d in storage.list_dirs(run_dir)):
         return
-    before = ((yaml.safe_load(previous.read_text()) or {}).get("data") or {}).get("mixture")
+    before = ((yaml.safe_load(storage.read_text(previous)) or {}).get("data") or {}).get("mixture")
     if not before:  # a run folder from before mixtures: one folder, nothing to compare
         return
     old = [(e.get("name"), round(float(e.get("weight", 0)), 6)) for e in before]
@@ -129,7 +142,7 @@ def _show(mixture: list[tuple[str, float]]) -> str:
     return ", ".join(f"{name}@{weight:g}" for name, weight in mixture)
 
 
-def _cache_or_stream(datasets: list[Any], files: list[list[Path]], cfg: TrainConfig) -> list[Any]:
+def _cache_or_stream(datasets: list[Any], files: list[list[str]], cfg: TrainConfig) -> list[Any]:
     """Decode small folders once into the object store (smallest first, all within data.cache_max_mib);
     the others stream (re-read and re-decode) every epoch."""
     sizes = [decoded_size_mib(f, cfg.model) for f in files]
@@ -161,50 +174,65 @@ def train(
     `data_dir`: one curated folder; None: the folders and weights of `cfg.data.mixture`.
     """
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = resolve_mixture(cfg.validate(), data_dir)
-    run_dir = Path(run_dir).resolve()
-    folders = [Path(e.path) for e in cfg.data.mixture]
-    # 1. Check inputs before any cluster time is spent.
+    run = storage.resolve(run_dir)
+    folders = [e.path for e in cfg.data.mixture]
+    # 1. Check inputs before any cluster time is spent (object stores first: one clear line for a
+    #    wrong endpoint, missing credentials or bucket).
+    _check_object_storage(cfg, run)
     files = [check_data_folder(folder, cfg.model) for folder in folders]
     for folder in folders:
         _check_model_matches_data(cfg, folder)
     _check_same_tokenizer(folders)
-    _check_same_mixture(cfg, run_dir)
-    if cfg.init_from and not Path(cfg.init_from).is_dir():
+    _check_same_mixture(cfg, run)
+    if cfg.init_from and not storage.is_dir(cfg.init_from):
         raise ConfigError(f"init_from={cfg.init_from}: no such folder; give the model/ folder of the previous stage")
 
     # 2. The run folder: the configs this run trains with, for the record.
-    run_dir.mkdir(parents=True, exist_ok=True)
     world = max(1, cfg.scaling.workers)
-    save_yaml(cfg, run_dir / "train_config.yaml")
-    (run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(cfg, world), indent=2) + "\n")
+    storage.write_text(storage.join(run, "train_config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    storage.write_text(storage.join(run, "deepspeed_config.json"),
+                       json.dumps(deepspeed_config(cfg, world), indent=2) + "\n")
 
     # 3. Ray: a cluster address, or a local Ray sized to this machine. One dataset per folder.
     env = _worker_env(cfg)
     if not ray.is_initialized():
         ray.init(address=address, runtime_env={"env_vars": env})
-    datasets = [build_dataset(f, cfg.model, cfg.data.decode_batch_rows) for f in files]
-    datasets = _cache_or_stream(datasets, files, cfg)
+    # Each epoch of each folder re-runs the ingest split: its Ray Data progress bars and start lines
+    # would repeat every epoch beside the training progress line, which already says where the run is.
+    data_ctx = ray.data.DataContext.get_current()
+    saved = data_ctx.enable_progress_bars, data_ctx.print_on_execution_start
+    data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = False, False
+    try:
+        datasets = [build_dataset(f, cfg.model, cfg.data.decode_batch_rows) for f in files]
+        datasets = _cache_or_stream(datasets, files, cfg)
+    finally:
+        data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = saved
     if len(folders) > 1:
         say("[train] mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.data.names(), cfg.data.weights())))
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the data position of a checkpoint must mean the same rows on resume
 
-    # 4. The trainer.
+    # 4. The trainer (its storage: the run folder's filesystem, local or the object store).
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.gpu else {})
+    fs, storage_dir = storage.filesystem(run)
+    storage_path, name = storage_dir.rsplit("/", 1)
+    remote = ObjectStorePaths.of(cfg, run)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "run_dir": str(run_dir)},
+        functools.partial(_loop_on_object_storage, remote) if remote.any() else train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "run_dir": str(local_run_dir(run))},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=name,
+            storage_path=storage_path or "/",
+            storage_filesystem=fs if storage.is_uri(run) else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             worker_runtime_env={"env_vars": env},
@@ -216,6 +244,120 @@ def train(
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
+    out: Path | str = run if storage.is_uri(run) else Path(run)
     return TrainResult(
-        run_dir=run_dir, export_dir=run_dir / "model", steps=int(metrics.get("step", 0)), metrics=metrics
+        run_dir=out, export_dir=storage.join(run, "model") if remote.run else Path(run) / "model",
+        steps=int(metrics.get("step", 0)), metrics=metrics,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Object storage: data, init_from and the run folder as s3:// (or other) URIs
+
+
+def _check_object_storage(cfg: TrainConfig, run: str) -> None:
+    """Every URI this run touches must be reachable (one line naming it and the fix), before Ray starts."""
+    if storage.is_uri(run) and "/" not in storage.filesystem(run)[1]:
+        raise ConfigError(f"--output {run}: give a folder inside the bucket, e.g. {run}/runs/NAME")
+    storage.check_access(run, "--output")
+    for e in cfg.data.mixture:
+        storage.check_access(e.path, "--data")
+    if cfg.init_from:
+        storage.check_access(cfg.init_from, "init_from")
+
+
+def local_run_dir(run: str) -> Path:
+    """Where the workers write the run folder's files: the run folder itself, or for a URI a local
+    staging folder (fixed per URI, so a restart on the same node finds the loop's fault marker)."""
+    if not storage.is_uri(run):
+        return Path(run)
+    return Path(tempfile.gettempdir()) / "dreamcore-runs" / hashlib.sha256(run.encode()).hexdigest()[:16]
+
+
+# What the loop writes into the run folder besides model/ (pipelines/train/metrics.py: MetricsWriter).
+METRICS_FILES = ("metrics.jsonl", "metrics.csv")
+METRICS_DIRS = ("tensorboard",)
+
+
+@dataclass(frozen=True)
+class ObjectStorePaths:
+    """The URIs the per-worker loop cannot read or write as local paths, and the settings to reach them.
+
+    `env` holds the driver's object-store settings (dreamcore.storage.environment()): it travels
+    pickled with the train function, so workers of a Ray started without them reach the store too.
+    """
+
+    run: str | None = None  # the run folder: metrics and model/ are published there
+    data: str | None = None  # the mixture's first folder: the loop reads its tokenizer/
+    init_from: str | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, run: str) -> ObjectStorePaths:
+        def uri(path: str | None) -> str | None:
+            return path if path and storage.is_uri(path) else None
+
+        return cls(uri(run), uri(cfg.data.mixture[0].path), uri(cfg.init_from), storage.environment())
+
+    def any(self) -> bool:
+        return bool(self.run or self.data or self.init_from)
+
+
+def _loop_on_object_storage(paths: ObjectStorePaths, config: dict[str, Any]) -> dict[str, Any]:
+    """`train_loop_per_worker` with its local-path inputs fetched and its outputs published.
+
+    Before: the first folder's tokenizer/ and init_from are downloaded (init_from once per node,
+    into the cache), and rank 0 fetches the run's metrics files so a resumed run appends to them.
+    After: rank 0 uploads the metrics (also when the loop fails) and model/ to the run folder.
+    """
+    import ray.train
+
+    os.environ.update(paths.env)
+    rank = ray.train.get_context().get_world_rank()
+    stage = Path(config["run_dir"])
+    train_cfg = copy.deepcopy(config["train"])
+    inputs = Path(tempfile.mkdtemp(prefix="dreamcore-inputs-"))
+    try:
+        if paths.data:
+            storage.download_dir(storage.join(paths.data, "tokenizer"), inputs / "tokenizer")
+            train_cfg["data"]["mixture"][0]["path"] = str(inputs)  # the loop reads <path>/tokenizer only
+        if paths.init_from:
+            train_cfg["init_from"] = str(storage.cached_copy(paths.init_from))
+        publish = bool(paths.run) and rank == 0
+        if publish:
+            _fetch_metrics(paths.run, stage)
+        try:
+            out = train_loop_per_worker({**config, "train": train_cfg})
+        finally:
+            if publish:
+                _publish_metrics(stage, paths.run)
+        if publish:
+            storage.upload_dir(stage / "model", storage.join(paths.run, "model"))
+            out["export"] = storage.join(paths.run, "model")
+            shutil.rmtree(stage, ignore_errors=True)
+        return out
+    finally:
+        shutil.rmtree(inputs, ignore_errors=True)
+
+
+def _fetch_metrics(run: str, stage: Path) -> None:
+    """The run's metrics files from the bucket into the staging folder (the bucket's copy wins)."""
+    stage.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(stage / "model", ignore_errors=True)
+    for name in METRICS_FILES:
+        (stage / name).unlink(missing_ok=True)
+        if storage.is_file(storage.join(run, name)):
+            (stage / name).write_text(storage.read_text(storage.join(run, name)))
+    for name in METRICS_DIRS:
+        shutil.rmtree(stage / name, ignore_errors=True)
+        if storage.list_files(storage.join(run, name)):
+            storage.download_dir(storage.join(run, name), stage / name)
+
+
+def _publish_metrics(stage: Path, run: str) -> None:
+    for name in METRICS_FILES:
+        if (stage / name).is_file():
+            storage.write_text(storage.join(run, name), (stage / name).read_text())
+    for name in METRICS_DIRS:
+        if (stage / name).is_dir():
+            storage.upload_dir(stage / name, storage.join(run, name))

@@ -116,6 +116,7 @@ def _setup_worker(cfg: TrainConfig, run_dir: Path) -> Worker:
     import ray.train
 
     ctx = ray.train.get_context()
+    _quiet_ray_train_reports()
     own_group = _init_process_group(cfg.scaling.gpu)
     device = _device(cfg.scaling.gpu)
     threads_before = torch.get_num_threads()
@@ -123,6 +124,17 @@ def _setup_worker(cfg: TrainConfig, run_dir: Path) -> Worker:
         torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     return Worker(cfg, run_dir, ctx.get_world_rank(), ctx.get_world_size(), device, own_group, threads_before)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every ray.train.report at INFO with the whole metrics dict, one line a
+    report and rank: noise beside the progress line, which says the same for people. Its logger is
+    named by its file's path, so it is found by that module."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _teardown_worker(w: Worker) -> None:

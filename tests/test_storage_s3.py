@@ -1,0 +1,182 @@
+"""Training and serving on S3-compatible object storage, against moto's real S3 server on loopback.
+
+One moto server per module (port chosen by the OS); every test gets its own bucket and the AWS
+environment a user would set (endpoint override, region, credentials) through monkeypatch. The
+session's Ray was started before these variables existed, so the tests also check that the
+settings reach Ray's processes without the environment (dreamcore/storage.py docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _model_helpers import debug_model  # noqa: E402
+from _train_helpers import TRAIN_MODEL_OVERRIDES, make_data_folder, small_model_config  # noqa: E402
+
+from dreamcore import storage  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port), for the whole module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint, monkeypatch, tmp_path) -> str:
+    """A fresh bucket, with the environment pointing at moto (and the local cache in tmp_path)."""
+    import boto3
+
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def _closed_port_url() -> str:
+    """An endpoint nothing listens on: a port the OS just handed out and that was closed again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) the storage module
+
+
+def test_folder_round_trip(bucket, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.bin").write_bytes(bytes(range(256)))
+    uri = f"s3://{bucket}/runs/x/"
+    assert storage.is_uri(uri) and not storage.is_uri(str(src)) and not storage.is_uri("file:///tmp")
+    storage.upload_dir(src, uri)
+    assert storage.list_files(uri) == ["a.txt", "sub/b.bin"]
+    assert storage.list_dirs(f"s3://{bucket}/runs") == ["x"]
+    assert storage.is_dir(uri) and storage.is_file(f"{uri}a.txt") and not storage.exists(f"{uri}nope")
+    assert storage.read_text(f"s3://{bucket}/runs/x/a.txt") == "alpha"
+    storage.download_dir(uri, tmp_path / "back")
+    assert _tree(tmp_path / "back") == _tree(src)
+    # Uploading again replaces the folder: no stale object survives.
+    (src / "a.txt").unlink()
+    storage.upload_dir(src, uri)
+    assert storage.list_files(uri) == ["sub/b.bin"]
+
+
+def test_unusable_bucket_or_endpoint_is_one_clear_line(bucket, monkeypatch):
+    with pytest.raises(storage.StorageError) as missing:
+        storage.check_access("s3://no-such-bucket/run", "--output")
+    assert str(missing.value).splitlines() == [
+        "--output s3://no-such-bucket/run: bucket 'no-such-bucket' does not exist; create it or fix the URI"]
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _closed_port_url())
+    with pytest.raises(storage.StorageError) as unreachable:
+        storage.check_access(f"s3://{bucket}/data", "--data")
+    text = str(unreachable.value)
+    assert len(text.splitlines()) == 1 and text.startswith(f"--data s3://{bucket}/data: cannot reach")
+    assert "AWS_ENDPOINT_URL" in text and "testing-secret" not in text  # the fix, never the secret
+
+
+def test_train_refuses_an_unreachable_output_before_ray_starts(bucket, monkeypatch):
+    from pipelines.train import load_train_config, train
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _closed_port_url())
+    cfg = load_train_config("tiny", None, [f"model.{s}" for s in TRAIN_MODEL_OVERRIDES], workers=0)
+    with pytest.raises(storage.StorageError, match=r"^--output s3://.*: cannot reach the object store"):
+        train(cfg, f"s3://{bucket}/data", f"s3://{bucket}/run")
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) training: data, checkpoints, metrics and the export in the bucket; resume from the bucket
+
+
+def _train_cli(data: str, output: str, max_steps: int) -> int:
+    from dreamcore.cli import main
+
+    sets = ["micro_batch_size=4", "log_every=1", "optim.warmup_steps=1", "data.shuffle_buffer=16",
+            "scaling.max_failures=0", "scaling.torch_threads=1", f"max_steps={max_steps}",
+            "checkpoint.every_steps=3", *[f"model.{s}" for s in TRAIN_MODEL_OVERRIDES]]
+    argv = ["train", "--data", data, "--output", output, "--model", "tiny", "--workers", "1"]
+    return main([*argv, *[a for s in sets for a in ("--set", s)]])
+
+
+@pytest.mark.e2e
+def test_train_on_s3_resumes_from_the_bucket_and_exports_there(ray_session, bucket, tmp_path):
+    from dreamcore.checkpoint import from_pretrained
+
+    local_data = make_data_folder(tmp_path / "data", small_model_config(), num_docs=24, rows_per_shard=12)
+    data, run = f"s3://{bucket}/corpus/shapes", f"s3://{bucket}/runs/tiny"
+    storage.upload_dir(local_data, data)
+
+    assert _train_cli(data, run, max_steps=3) == 0
+    first = storage.list_dirs(run)
+    assert [d for d in first if d.startswith("checkpoint_")], first  # Ray Train's checkpoint is in the bucket
+    assert storage.is_file(f"{run}/train_config.yaml") and storage.is_file(f"{run}/deepspeed_config.json")
+
+    # The same command with more steps resumes at step 3 from the bucket's checkpoint: the metrics
+    # file (appended, also fetched from and published to the bucket) has every step exactly once.
+    assert _train_cli(data, run, max_steps=5) == 0
+    steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert storage.read_text(f"{run}/metrics.csv").count("\n") == 1 + 5  # header + one row a step
+
+    # The export (format 2 folder) is in the bucket and loads after download.
+    names = storage.list_files(f"{run}/model")
+    assert {"config.json", "projectors.safetensors"} <= set(names)
+    assert {n.split("/")[0] for n in names} >= {"llm", "vision", "unet", "scheduler", "tokenizer"}
+    model, tokenizer = from_pretrained(storage.cached_copy(f"{run}/model"))
+    assert model.cfg.max_seq_len == 64 and tokenizer.vocab_size == model.llm.config.vocab_size
+    assert "testing-secret" not in storage.read_text(f"{run}/train_config.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) serving: an s3:// checkpoint is downloaded once into the cache and served from there
+
+
+def test_serve_checkpoint_from_s3_downloads_once(bucket, tmp_path, monkeypatch):
+    from dreamcore.checkpoint import save_pretrained
+    from pipelines.serve.app import check_checkpoint
+
+    model, tokenizer = debug_model()
+    save_pretrained(model, tokenizer, tmp_path / "model")
+    uri = f"s3://{bucket}/runs/tiny/model"
+    storage.upload_dir(tmp_path / "model", uri)
+
+    downloads = []
+    real_download = storage.download_dir
+    monkeypatch.setattr(storage, "download_dir", lambda u, d: (downloads.append(u), real_download(u, d)))
+    local = check_checkpoint(uri)
+    assert Path(local).is_dir() and Path(local).is_relative_to(tmp_path / "cache")
+    assert _tree(Path(local)) == _tree(tmp_path / "model")
+    assert check_checkpoint(uri) == local and downloads == [uri]  # the second call reuses the copy
+
+    # A re-exported model under the same URI is fetched again; local paths are unchanged.
+    storage.write_text(f"{uri}/config.json", (tmp_path / "model" / "config.json").read_text() + "\n")
+    assert check_checkpoint(uri) != local and downloads == [uri, uri]
+    assert check_checkpoint(str(tmp_path / "model")) == str((tmp_path / "model").resolve())
+    with pytest.raises(storage.StorageError, match="no objects under this prefix"):
+        check_checkpoint(f"s3://{bucket}/runs/none/model")
