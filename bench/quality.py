@@ -111,15 +111,28 @@ def probe(model: DreamLLM, batch: dict, repeats: int = 4, seed: int = 0) -> dict
             "gap": round(wrong - right, 5), "spread": round(spread, 3)}
 
 
+def read_rows(cfg: ModelConfig, folder: Path) -> dict[str, np.ndarray]:
+    """A curated folder's rows (what the training job reads: crawled, resized images and the
+    folder's own tokenizer), decoded as one batch dict, so the in-process run can train on the
+    demo's data and separate the data from the DeepSpeed job."""
+    import pyarrow.parquet as pq
+
+    files = sorted((folder / "samples").glob("*.parquet"))
+    if not files:
+        raise SystemExit(f"--curated {folder}: no samples/*.parquet; give a folder `dreamcore curate` wrote")
+    return decode_batch(pq.read_table(files).to_pydict(), cfg)
+
+
 def train(recipe: Recipe, log_every: int = 50, seed: int = 0,
-          probe_every: int = 0, trim: bool = True, ema_decays: tuple[float, ...] = ()
-          ) -> tuple[DreamLLM, DreamTokenizer, dict]:
+          probe_every: int = 0, trim: bool = True, ema_decays: tuple[float, ...] = (),
+          curated: dict[str, Path] | None = None) -> tuple[DreamLLM, DreamTokenizer, dict]:
     """Train the recipe's model in-process for the recipe's steps, on one process's batches of
     the recipe's global batch size.
 
     The optimizer groups are the training job's (`optimizer_groups`: `optim.lr_mults` per component).
     ema_decays: keep an exponential moving average of the trained weights per decay; returned in
-    stats["ema"] as {decay: state_dict} for evaluation."""
+    stats["ema"] as {decay: state_dict} for evaluation. curated: {dataset: folder} to train on
+    curated rows (and the first such folder's tokenizer) instead of rows built here."""
     torch.manual_seed(seed)
     t0 = time.time()
     cfg, optim = recipe.train.model, recipe.train.optim
@@ -127,9 +140,14 @@ def train(recipe: Recipe, log_every: int = 50, seed: int = 0,
     corpora = [make_corpus(d.corpus.num_docs, d.corpus.seed, "http://127.0.0.1:1", d.corpus.single_image_fraction,
                            d.corpus.story_fraction) for d in recipe.datasets]
     # One tokenizer for the mixture, trained on the first dataset (as the demo's first curation does).
-    tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
-                                     corpus_texts=[t for d in corpora[0] for t in d["text_list"]])
-    parts = [build_rows(cfg, docs, tokenizer, d.curate.tokenize.packing, d.curate.tokenize.pair_layout)
+    curated = curated or {}
+    if curated:
+        tokenizer = DreamTokenizer.from_pretrained(str(next(iter(curated.values())) / "tokenizer"))
+    else:
+        tokenizer = DreamTokenizer.build(cfg.tokenizer, cfg.vision.num_tokens, cfg.dream.num_queries,
+                                         corpus_texts=[t for d in corpora[0] for t in d["text_list"]])
+    parts = [read_rows(cfg, curated[d.name]) if d.name in curated else
+             build_rows(cfg, docs, tokenizer, d.curate.tokenize.packing, d.curate.tokenize.pair_layout)
              for d, docs in zip(recipe.datasets, corpora)]
     weights = [d.weight / sum(x.weight for x in recipe.datasets) for d in recipe.datasets]
     for d, docs, rows in zip(recipe.datasets, corpora, parts):
@@ -219,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight", action="append", default=[], metavar="DATASET=W",
                    help="share of one dataset (recipe: " + ", ".join(f"{d.name}={d.weight:g}" for d in base.datasets)
                    + "); 0 leaves it out")
+    p.add_argument("--curated", action="append", default=[], metavar="DATASET=DIR",
+                   help="train DATASET on a curated folder's rows (e.g. demo-output/data/stories)")
     p.add_argument("--guidance", type=float, help="guidance scale at evaluation (default: the model's decoder.guidance_scale)")
     p.add_argument("--probe-every", type=int, default=0, help="print the condition probe every N steps")
     p.add_argument("--eval-images", type=int, help="held-out images to caption (default --eval-n; 0 skips)")
@@ -251,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 n = min(int(value), 200) if args.speed_only else int(value)
                 datasets[name] = dataclasses.replace(d, corpus=dataclasses.replace(d.corpus, num_docs=n))
+    curated = {}
+    for item in args.curated:
+        name, _, folder = item.partition("=")
+        if name not in datasets or not folder:
+            p.error(f"--curated {item!r}: give DATASET=DIR with DATASET one of {', '.join(datasets)}")
+        curated[name] = Path(folder)
     recipe = dataclasses.replace(base, datasets=[d for d in datasets.values() if d.weight > 0],
                                  train=train_cfg.validate())
     print(f"recipe: datasets {[dataclasses.asdict(d) for d in recipe.datasets]}, optim {dataclasses.asdict(recipe.train.optim)}, {recipe.train.max_steps} steps of "
@@ -264,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, tokenizer, stats = train(recipe, log_every=5 if args.speed_only else 50, seed=args.seed,
                                         probe_every=args.probe_every,
-                                        ema_decays=tuple(args.ema))
+                                        ema_decays=tuple(args.ema), curated=curated)
         emas = stats.pop("ema", {})
         print(f"trained: {stats}", flush=True)
     if args.save:
