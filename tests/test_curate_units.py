@@ -390,3 +390,18 @@ def test_unwritable_output_parent_is_named(tmp_path):
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(CurateError, match="not writable"):
         check_output(tmp_path / "ro" / "out")
+
+
+def test_a_broken_manifest_is_one_clear_line_from_the_cli(tmp_path, capsys):
+    """A manifest.json that is not JSON (a crash mid-write by something else, a hand edit): the CLI
+    names the file and the fix and exits 2, before any Ray work."""
+    from dreamcore.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{not json")
+    shard = tmp_path / "s.jsonl"
+    shard.write_text("")
+    assert main(["curate", str(shard), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json is not valid JSON" in err and "move it away" in err and "Traceback" not in err

@@ -291,7 +291,10 @@ def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = 
     _check_models(cfg)
     shards = expand_inputs(list(inputs))
     out.mkdir(parents=True, exist_ok=True)
-    manifest = mf.load(out)
+    try:
+        manifest = mf.load(out)
+    except ValueError as e:  # a manifest.json that is not JSON: one line naming it and the fix
+        raise CurateError(f"--output {out}: {e}") from None
     if manifest is None:
         manifest = mf.new_manifest(to_dict(cfg), to_dict(mcfg))
     else:
