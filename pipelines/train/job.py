@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,9 @@ def train(
         data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = saved
     if len(folders) > 1:
         say("[train] mixture: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.data.names(), cfg.data.weights())))
-    ingest = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own defaults set a field it has deprecated; not ours to fix
+        warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.*")
+        ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the data position of a checkpoint must mean the same rows on resume
 
     # 4. The trainer (its storage: the run folder's filesystem, local or the object store).
