@@ -69,6 +69,9 @@ def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
     if not is_uri(text):
         return pafs.LocalFileSystem(), resolve(text)
     parsed = urlparse(text)
+    if "@" in parsed.netloc:  # s3://KEY:SECRET@bucket/...: never echo it (messages and logs name URIs)
+        raise StorageError(f"{parsed.scheme}://...@{parsed.netloc.rsplit('@', 1)[1]}{parsed.path}: a URI must not "
+                           f"carry credentials; {CREDENTIALS_FIX}")
     if parsed.scheme in ("s3", "s3a"):
         endpoint, region, key, secret, token = _s3_settings()
         if not (region or endpoint):  # AWS itself: the bucket's own region, as from_uri would find

@@ -405,3 +405,10 @@ def test_a_broken_manifest_is_one_clear_line_from_the_cli(tmp_path, capsys):
     assert main(["curate", str(shard), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "manifest.json is not valid JSON" in err and "move it away" in err and "Traceback" not in err
+    (out / "samples").mkdir()
+    (out / "samples" / "part-g0000-00000.parquet").write_bytes(b"published")
+    for text in ("null", "[]", "{}"):  # valid JSON that is no manifest: refused, nothing cleaned away
+        (out / "manifest.json").write_text(text)
+        assert main(["curate", str(shard), "--output", str(out)]) == 2
+        assert "is not a curation manifest" in capsys.readouterr().err
+    assert (out / "samples" / "part-g0000-00000.parquet").read_bytes() == b"published"

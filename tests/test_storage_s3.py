@@ -100,6 +100,10 @@ def test_unusable_bucket_or_endpoint_is_one_clear_line(bucket, monkeypatch):
     assert len(text.splitlines()) == 1 and text.startswith(f"--data s3://{bucket}/data: cannot reach")
     assert "AWS_ENDPOINT_URL" in text and "testing-secret" not in text  # the fix, never the secret
 
+    with pytest.raises(storage.StorageError) as inline:  # credentials in the URI itself: refused, not echoed
+        storage.check_access(f"s3://AKIAX:hunter2@{bucket}/run", "--output")
+    assert "hunter2" not in str(inline.value) and "must not carry credentials" in str(inline.value)
+
 
 def test_train_refuses_an_unreachable_output_before_ray_starts(bucket, monkeypatch):
     from pipelines.train import load_train_config, train
@@ -178,5 +182,9 @@ def test_serve_checkpoint_from_s3_downloads_once(bucket, tmp_path, monkeypatch):
     storage.write_text(f"{uri}/config.json", (tmp_path / "model" / "config.json").read_text() + "\n")
     assert check_checkpoint(uri) != local and downloads == [uri, uri]
     assert check_checkpoint(str(tmp_path / "model")) == str((tmp_path / "model").resolve())
-    with pytest.raises(storage.StorageError, match="no objects under this prefix"):
-        check_checkpoint(f"s3://{bucket}/runs/none/model")
+    from dreamcore.config import ConfigError
+
+    for wrong in (f"s3://{bucket}/runs/none/model", f"s3://{bucket}/runs/tiny"):  # nothing there; a run folder
+        with pytest.raises(ConfigError, match="has no config.json; pass the model/ folder"):
+            check_checkpoint(wrong)
+    assert downloads == [uri, uri]  # refused before anything was downloaded

@@ -115,6 +115,36 @@ def test_data_folder_checks(data_dir, tmp_path):
         check_data_folder(data_dir, cfg)
 
 
+def test_a_folder_that_is_not_curated_data_is_one_clear_error(tmp_path):
+    """A shard without the sample columns and a manifest.json that is not a JSON object are named
+    with their fix (ConfigError, which the CLI prints as one line), never a KeyError/JSONDecodeError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = small_model_config()
+    odd = tmp_path / "odd"
+    (odd / "tokenizer").mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1]}), odd / "a.parquet")
+    with pytest.raises(ConfigError, match="missing columns"):
+        check_data_folder(odd, cfg)
+    for text in ("{not json", "null", "[]"):
+        (odd / "manifest.json").write_text(text)
+        with pytest.raises(ConfigError, match="manifest.json is not a JSON object"):
+            check_data_folder(odd, cfg)
+
+
+def test_hand_made_folders_list_shards_in_path_order(tmp_path):
+    """Without a manifest, shards sort as paths do (component by component): the order a
+    checkpoint's data position was taken in, whatever '-' and '/' sort as in strings."""
+    from pipelines.train.data import parquet_files
+
+    for rel in ("a/x.parquet", "a-b.parquet", "b.parquet"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert [Path(f).relative_to(tmp_path).as_posix() for f in parquet_files(tmp_path)] == [
+        "a/x.parquet", "a-b.parquet", "b.parquet"]
+
+
 def test_frozen_modules_cast_to_bf16_and_kept_out_of_optimizer():
     from dreamcore.model import DreamLLM
     from dreamcore.tokenizer import DreamTokenizer

@@ -103,9 +103,15 @@ def load(directory: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); move it away to start the output afresh") from None
+    # Anything else (null, a list, a dict without the run's keys) would read as "no run yet", and a
+    # fresh run cleans files no manifest lists: refuse it instead of deleting published samples.
+    if not isinstance(manifest, dict) or not {"shards", "groups", "outputs"} <= set(manifest):
+        raise ValueError(f"{path} is not a curation manifest (a JSON object with shards, groups and outputs); "
+                         "move it away to start the output afresh")
+    return manifest
 
 
 def save(directory: Path, manifest: dict) -> None:

@@ -50,6 +50,9 @@ def check_checkpoint(path: str) -> str:
         raise ConfigError("no checkpoint given; pass --checkpoint DIR (a folder written by save_pretrained)")
     if storage.is_uri(path):
         storage.check_access(path, "checkpoint")
+        if not storage.is_file(storage.join(path, "config.json")):  # before downloading a whole run folder
+            raise ConfigError(f"checkpoint {path} has no config.json; pass the model/ folder a training run "
+                              "exported (e.g. s3://bucket/runs/NAME/model)")
         local = storage.cached_copy(path)
         log.info("checkpoint %s: serving the local copy %s", path, local)
         path = str(local)

@@ -78,8 +78,7 @@ def parquet_files(data_dir: str | Path) -> list[str]:
     present = set(storage.list_files(root))  # one listing: per-file checks cost a request each on S3
     # The curation manifest lists exactly the published sample shards (never rejected/ or temp
     # files); a hand-made folder without that list (tests, bench/) is globbed instead.
-    listed = (json.loads(storage.read_text(storage.join(root, "manifest.json"))).get("outputs", {}).get("files", [])
-              if "manifest.json" in present else [])
+    listed = read_manifest(root).get("outputs", {}).get("files", []) if "manifest.json" in present else []
     if listed:
         files = sorted(storage.join(root, f) for f in listed)
         absent = [storage.join(root, f) for f in listed if Path(f).as_posix() not in present]
@@ -87,8 +86,10 @@ def parquet_files(data_dir: str | Path) -> list[str]:
             raise ConfigError(f"--data {root}: manifest.json lists shards that are missing: {absent[:3]}; "
                               "re-run `dreamcore curate` into the same folder to repair it")
     else:
-        files = [storage.join(root, f) for f in sorted(present) if f.endswith(".parquet") and not any(
-            s.startswith((".", "_")) or s == "rejected" for s in f.split("/"))]
+        # Sorted by path components, as Path objects sort: the order a checkpoint's data position means.
+        files = [storage.join(root, f) for f in sorted(present, key=lambda f: tuple(f.split("/")))
+                 if f.endswith(".parquet") and not any(s.startswith((".", "_")) or s == "rejected"
+                                                       for s in f.split("/"))]
     if not files:
         raise ConfigError(
             f"--data {root}: no .parquet shards found; run `dreamcore curate --output {root}` first"
@@ -104,7 +105,8 @@ def check_data_folder(data_dir: str | Path, model: ModelConfig) -> list[str]:
         raise ConfigError(f"--data {root}: no tokenizer/ folder; curation writes it next to the shards")
     with open_parquet(files[0]) as first_file:
         schema = first_file.schema_arrow
-        first = first_file.read_row_group(0, columns=["input_ids"]).column("input_ids")
+        first = (first_file.read_row_group(0, columns=["input_ids"]).column("input_ids")
+                 if "input_ids" in schema.names and first_file.num_row_groups else [])
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     version = meta.get("dreamcore.schema_version")
     if version is not None and version != SCHEMA_VERSION:
@@ -124,8 +126,19 @@ def check_data_folder(data_dir: str | Path, model: ModelConfig) -> list[str]:
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The folder's curation manifest, {} without one; a file that is not a JSON object is a
+    ConfigError naming it and the fix."""
     path = storage.join(data_dir, "manifest.json")
-    return json.loads(storage.read_text(path)) if storage.is_file(path) else {}
+    if not storage.is_file(path):
+        return {}
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = e
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"--data {data_dir}: {path} is not a JSON object ({manifest!s:.80}); re-run "
+                          "`dreamcore curate` into the folder, or move the file away to train on its shards")
+    return manifest
 
 
 @contextmanager
