@@ -2,12 +2,14 @@
 
 1. crawl images/s: the curation job's crawl (Ray Data, thread pool per block, SSRF guard, caps)
    vs img2dataset's own downloader (`img2dataset.download`), same loopback URL list served by a
-   local threaded HTTP server with JPEGs, same resize settings (goal: ratio >= 1.0).
+   local threaded HTTP server with JPEGs, same resize settings (goal: ratio >= 2.0); and vs the
+   machine's CPU limit: img2dataset's Resizer alone (decode + resize + encode) on the same bodies,
+   per core, times cores (goal: >= 50%). Thousands of images, so start-up is not the figure.
 2. tokenize documents/s: the job's Ray Data encode step vs a single-process loop of the same
    tokenizer over the same documents (goal: ratio >= 1.6 on 2 cores).
 3. Parquet write MB/s: Ray Data write_parquet of the sample table vs a bare pyarrow write.
 
-Run: .venv/bin/python bench/curate.py [--images 400] [--docs 4000]
+Run: .venv/bin/python bench/curate.py [--images 4000] [--docs 4000]
 """
 
 from __future__ import annotations
@@ -41,17 +43,22 @@ from pipelines.curate.readers import parse_shard, rows_to_table  # noqa: E402
 from pipelines.curate.tokenize import encode_doc, tokenizer_for  # noqa: E402
 
 IMAGE_SIZE = 128
+DISTINCT_IMAGES = 400  # distinct bodies; URLs beyond it serve them again (dedup is off in this run)
 REAL = REPO.parent / "shared" / "data" / "mmc4" / "docs_no_face_shard_151_v3.partial.jsonl"
 
 
 def crawl_bench(work: Path, n_images: int) -> dict:
-    images = {f"{i}.jpg": image_bytes("JPEG", (640, 480), i) for i in range(n_images)}
+    bodies = [image_bytes("JPEG", (640, 480), i) for i in range(min(n_images, DISTINCT_IMAGES))]
+    images = {f"{i}.jpg": bodies[i % len(bodies)] for i in range(n_images)}
     cfg = embedded()
     cfg.crawl.image_size = IMAGE_SIZE
     cfg.crawl.resize_mode = "center_crop"
     cfg.crawl.encode_format = "jpg"
     cfg.crawl.encode_quality = 95
     cfg.crawl.disallowed_header_directives = []
+    # Every URL here is on one host, where a real crawl spreads over many: the job-wide per-host
+    # bound stays on, at img2dataset's own concurrency (2 processes x 32 threads, no per-host bound).
+    cfg.crawl.per_host_concurrency = 64
     cfg.similarity.enabled = False
     cfg.progress = False
     with CaseServer(images) as srv:
@@ -81,8 +88,32 @@ def crawl_bench(work: Path, n_images: int) -> dict:
         # img2dataset starts its worker processes on every call (part of its cost, as Ray's
         # worker start is part of ours; ours are warmed above, which favours this job).
         i2d_s, i2d_ok = i2d(urls, "i2d")
+    limit_ips, ms_per_image = cpu_limit(bodies, cfg.crawl)
     return {"images": n_images, "job_ok": job_ok, "job_s": job_s, "job_ips": job_ok / job_s,
-            "i2d_ok": i2d_ok, "i2d_s": i2d_s, "i2d_ips": i2d_ok / i2d_s}
+            "i2d_ok": i2d_ok, "i2d_s": i2d_s, "i2d_ips": i2d_ok / i2d_s,
+            "limit_ips": limit_ips, "limit_ms": ms_per_image}
+
+
+def cpu_limit(bodies: list[bytes], crawl_cfg) -> tuple[float, float]:
+    """The machine's ceiling for this crawl: decode + resize + encode alone (img2dataset's Resizer,
+    the job's settings), one process, best of two passes; per core, times the machine's cores.
+    No HTTP, no hashing, no Ray: what is left when every other cost is zero."""
+    import io
+
+    from pipelines.curate.crawl import resizer_class
+
+    resizer = resizer_class()(image_size=IMAGE_SIZE, resize_mode=crawl_cfg.resize_mode,
+                              resize_only_if_bigger=crawl_cfg.resize_only_if_bigger,
+                              encode_format=crawl_cfg.encode_format, encode_quality=crawl_cfg.encode_quality,
+                              max_image_area=crawl_cfg.max_pixels)
+    passes = []
+    for _ in range(2):
+        t = time.perf_counter()
+        for body in bodies:
+            resizer(io.BytesIO(body))
+        passes.append((time.perf_counter() - t) / len(bodies))
+    per_image = min(passes)
+    return (os.cpu_count() or 1) / per_image, per_image * 1e3
 
 
 def tokenize_bench(work: Path, n_docs: int) -> dict:
@@ -155,7 +186,7 @@ def write_bench(work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--images", type=int, default=4000)
     p.add_argument("--docs", type=int, default=4000)
     args = p.parse_args()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
@@ -172,11 +203,15 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"crawl     job {c['job_ips']:.1f} images/s ({c['job_ok']}/{c['images']} in {c['job_s']:.2f} s)  "
           f"img2dataset {c['i2d_ips']:.1f} images/s ({c['i2d_ok']} in {c['i2d_s']:.2f} s)  "
-          f"ratio {c['job_ips'] / c['i2d_ips']:.2f} (goal >= 1.0)")
+          f"ratio {c['job_ips'] / c['i2d_ips']:.2f} (goal >= 2.0)")
+    print(f"          CPU limit {c['limit_ips']:.0f} images/s (decode + resize + encode alone: "
+          f"{c['limit_ms']:.2f} ms/image/core x {os.cpu_count()} cores)  job at "
+          f"{100 * c['job_ips'] / c['limit_ips']:.0f}% of it (goal >= 50%)  img2dataset at "
+          f"{100 * c['i2d_ips'] / c['limit_ips']:.0f}%")
     print(f"tokenize  Ray Data {tk['ray_dps']:.0f} docs/s  single-process loop {tk['loop_dps']:.0f} docs/s  "
           f"ratio {tk['ray_dps'] / tk['loop_dps']:.2f} (goal >= 1.6 on 2 cores)")
     print(f"write     Ray Data {w['ray_mbps']:.1f} MB/s  bare pyarrow {w['bare_mbps']:.1f} MB/s  "
-          f"ratio {w['ray_mbps'] / w['bare_mbps']:.2f} ({w['rows']} rows, {w['mb']:.1f} MB)")
+          f"ratio {w['ray_mbps'] / w['bare_mbps']:.2f} (goal >= 0.8; {w['rows']} rows, {w['mb']:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ class CrawlConfig:
     allowed_formats: list[str] = field(default_factory=lambda: ["jpeg", "png", "webp"])
     threads: int = 32  # per Ray task; I/O bound, so many threads share one core
     per_host_concurrency: int = 16
-    batch_size: int = 16  # documents per Ray Data batch (one thread pool per batch)
+    # Documents per Ray Data batch (one crawl task): a task's fixed costs (scheduling, Arrow
+    # conversion, threads starting on a batch) are paid per batch, so small batches cost crawl rate.
+    batch_size: int = 64
     num_cpus: float = 0.5  # per crawl task: waiting on sockets needs little CPU, so tasks overlap
     image_size: int = 0  # 0 = the model's image_resolution
     resize_mode: str = "center_crop"  # training rows need square images

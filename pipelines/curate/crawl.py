@@ -170,6 +170,9 @@ class LocalHostSlots:
         with _host_slot(host, limit):
             yield
 
+    def keep_for(self, host: str | None) -> None:
+        """A local slot costs nothing to take again: never kept (see RayHostSlots.keep_for)."""
+
 
 class HostSlots:
     """A counting semaphore per host, with leases: a slot whose holder died (a crashed worker)
@@ -252,10 +255,26 @@ class RayHostSlots:
     Falls back to the per-process bound if the actor cannot be reached: the limiter never loses
     a fetch."""
 
-    def __init__(self, lease_s: float, idle_s: float = 600.0, name: str | None = None):
+    def __init__(self, lease_s: float, idle_s: float = 600.0, name: str | None = None,
+                 reuse_s: float | None = None):
         self.lease_s, self.idle_s, self.name = lease_s, idle_s, name
+        # A kept lease is used again only while young enough that a whole hop still ends inside it:
+        # host_slots' lease_s is a hop's longest time plus 5 s, so reuse stays well inside that slack.
+        self.reuse_s = min(2.0, lease_s / 5) if reuse_s is None else reuse_s
         self.actor = None
         self.local = LocalHostSlots()
+        self._thread = threading.local()  # per thread: the host its next fetch goes to; a kept lease
+
+    def keep_for(self, host: str | None) -> None:
+        """Declare the host of this thread's next fetch (None: no next fetch). A hop to the same
+        host keeps its lease for that fetch (one actor round trip saved per image); any other lease
+        is released now. Only a thread that is about to fetch from a host holds its slot, so a kept
+        slot never waits on anything and the job-wide bound stays exact."""
+        self._thread.next_host = host
+        kept = getattr(self._thread, "kept", None)
+        if kept is not None and kept[0] != host:
+            self._thread.kept = None
+            kept[2].release.remote(kept[0], kept[3])
 
     def _actor(self) -> Any:  # a Ray ActorHandle of HostSlots
         import ray
@@ -282,16 +301,27 @@ class RayHostSlots:
 
     @contextlib.contextmanager
     def hold(self, host: str, limit: int) -> Iterator[None]:
-        got = self._acquire(host, limit)
-        if got is None:
-            with self.local.hold(host, limit):
-                yield
-            return
-        actor, lease = got
+        kept, self._thread.kept = getattr(self._thread, "kept", None), None
+        if kept is not None and kept[:2] == (host, limit) and time.monotonic() - kept[4] < self.reuse_s:
+            actor, lease, since = kept[2], kept[3], kept[4]
+        else:
+            if kept is not None:
+                kept[2].release.remote(kept[0], kept[3])
+            got = self._acquire(host, limit)
+            if got is None:
+                with self.local.hold(host, limit):
+                    yield
+                return
+            (actor, lease), since = got, time.monotonic()
+        keep = False
         try:
             yield
+            keep = getattr(self._thread, "next_host", None) == host
         finally:
-            actor.release.remote(host, lease)
+            if keep:
+                self._thread.kept = (host, limit, actor, lease, since)
+            else:
+                actor.release.remote(host, lease)
 
 
 def host_slots(cfg: CrawlConfig) -> LocalHostSlots | RayHostSlots:
@@ -523,6 +553,13 @@ class ImageProcessor:
 # A block of documents
 
 
+def _host_of(url: Any) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 class Crawler:
     """Crawls every kept image of a list of document rows, in place, with one thread pool."""
 
@@ -530,6 +567,10 @@ class Crawler:
         self.cfg = cfg
         self.fetcher = Fetcher(cfg)
         self.processor = ImageProcessor(cfg, image_size)
+        # One pool for the life of the crawler (a Ray worker's process): its threads keep their
+        # requests sessions, so keep-alive connections outlive a block instead of one per thread
+        # per block.
+        self._pool: ThreadPoolExecutor | None = None
 
     def crawl_image(self, image: dict) -> None:
         try:
@@ -541,9 +582,30 @@ class Crawler:
         except Exception as e:  # noqa: BLE001 - one bad image must never lose the block
             image.update(drop_stage=STAGE, reason="crawl_error", error=f"{type(e).__name__}: {e}"[:500])
 
+    def _worker(self, todo: Iterator[dict], lock: threading.Lock) -> None:
+        """Takes the next image before crawling this one, so the host slot of a fetch is kept
+        only when this same thread fetches from that host next (see RayHostSlots.keep_for)."""
+        slots = self.fetcher.slots
+        with lock:
+            image = next(todo, None)
+        try:
+            while image is not None:
+                with lock:
+                    following = next(todo, None)
+                slots.keep_for(_host_of(following["url"]) if following is not None else None)
+                self.crawl_image(image)
+                image = following
+        finally:
+            slots.keep_for(None)
+
     def crawl_docs(self, docs: list[dict]) -> list[dict]:
         todo = [img for d in docs if not d["drop_stage"] for img in d["images"] if not img["drop_stage"]]
         if todo:
-            with ThreadPoolExecutor(max_workers=min(self.cfg.threads, len(todo))) as pool:
-                list(pool.map(self.crawl_image, todo))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix="crawl")
+            items, lock = iter(todo), threading.Lock()
+            futures = [self._pool.submit(self._worker, items, lock)
+                       for _ in range(min(self.cfg.threads, len(todo)))]
+            for f in futures:
+                f.result()
         return docs
