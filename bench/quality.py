@@ -136,7 +136,10 @@ def train(recipe: Recipe, log_every: int = 50, seed: int = 0,
     torch.manual_seed(seed)
     t0 = time.time()
     cfg, optim = recipe.train.model, recipe.train.optim
-    batch_size = recipe.train.global_batch_size(recipe.train.scaling.workers)
+    workers = max(1, recipe.train.scaling.workers)
+    batch_size = recipe.train.global_batch_size(workers)
+    if cfg.loss.vm_max_images:  # the cap is per worker: one process with the global batch takes all of theirs
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, vm_max_images=cfg.loss.vm_max_images * workers))
     corpora = [make_corpus(d.corpus.num_docs, d.corpus.seed, "http://127.0.0.1:1", d.corpus.single_image_fraction,
                            d.corpus.story_fraction) for d in recipe.datasets]
     # One tokenizer for the mixture, trained on the first dataset (as the demo's first curation does).
