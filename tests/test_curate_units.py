@@ -412,3 +412,23 @@ def test_a_broken_manifest_is_one_clear_line_from_the_cli(tmp_path, capsys):
         assert main(["curate", str(shard), "--output", str(out)]) == 2
         assert "is not a curation manifest" in capsys.readouterr().err
     assert (out / "samples" / "part-g0000-00000.parquet").read_bytes() == b"published"
+
+
+def test_orphan_cleanup_removes_only_what_a_killed_run_left(tmp_path):
+    """_state/hashes-* of groups the manifest lacks (both file namings) and unlisted samples go;
+    a published group's hashes and files that are not ours stay (a stray name never crashes)."""
+    from pipelines.curate.job import STATE, _clean_orphans
+
+    m = mf.new_manifest({}, {})
+    m["groups"] = [{"id": "g0000"}]
+    m["outputs"]["files"] = ["samples/part-g0000-00000.parquet"]
+    files = {f"{STATE}/hashes-g0000-00000.parquet": True, f"{STATE}/hashes-g0001-00000.parquet": False,
+             f"{STATE}/hashes-g0009.parquet": False, f"{STATE}/foo.parquet": True, f"{STATE}/hashes.parquet": True,
+             "samples/part-g0000-00000.parquet": True, "samples/part-g0001-00000.parquet": False}
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / ".tmp-g0001-dead").mkdir()
+    _clean_orphans(tmp_path, m)
+    assert {rel: (tmp_path / rel).exists() for rel in files} == files
+    assert not (tmp_path / ".tmp-g0001-dead").exists()

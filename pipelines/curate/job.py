@@ -184,7 +184,10 @@ def _clean_orphans(out: Path, manifest: dict) -> None:
             rel = f"{sub}/{f.name}"
             if sub != STATE and rel not in listed:
                 f.unlink()
-            if sub == STATE and f.stem.split("-")[1] not in {g["id"] for g in manifest["groups"]}:
+            # _state/hashes-<group>[-<i>].parquet of a group the manifest lacks; other files are not ours
+            name = f.stem.split("-")
+            if sub == STATE and name[0] == "hashes" and name[1:2] != [] and \
+                    name[1] not in {g["id"] for g in manifest["groups"]}:
                 f.unlink()
 
 
