@@ -261,3 +261,47 @@ def cached_copy(uri: str, cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def makedirs(path: str | Path) -> None:
+    """Create the local folder `path` (and parents); a no-op for URIs (object stores have no folders)."""
+    if not is_uri(path):
+        Path(str(path).removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+def move(src: str | Path, dst: str | Path) -> None:
+    """Move the file `src` to `dst` on the same storage: an atomic os.replace locally, copy + delete
+    on an object store (S3 has no rename; callers publish with a manifest written afterwards)."""
+    if not is_uri(src):
+        os.replace(str(src).removeprefix("file://"), str(dst).removeprefix("file://"))
+        return
+    fs, inner = filesystem(src)
+    try:
+        fs.move(inner, filesystem(dst)[1])
+    except OSError as e:
+        raise StorageError(f"{src}: cannot move to {dst} ({_one_line(e)}); {CREDENTIALS_FIX}") from None
+
+
+def delete_file(path: str | Path) -> None:
+    """Remove the file `path` if it is there (cleanup of what a killed job left)."""
+    if not is_uri(path):
+        Path(str(path).removeprefix("file://")).unlink(missing_ok=True)
+        return
+    fs, inner = filesystem(path)
+    try:
+        fs.delete_file(inner)
+    except FileNotFoundError:
+        pass
+
+
+def delete_dir(path: str | Path) -> None:
+    """Remove the folder `path` and everything under it (on object stores: every object under the
+    prefix); a missing folder is fine, so cleanup can run twice."""
+    if not is_uri(path):
+        shutil.rmtree(str(path).removeprefix("file://"), ignore_errors=True)
+        return
+    fs, inner = filesystem(path)
+    try:
+        fs.delete_dir(inner)
+    except FileNotFoundError:
+        pass

@@ -362,8 +362,7 @@ def test_empty_input_is_a_zero_document_run_without_ray(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("output, expected", [
     ("afile", "is an existing file"),
     ("afile/sub", "is a file, so the folder cannot be created"),
-    ("s3://bucket/x", "object storage output is not supported by this version of curate"),
-    ("gs://bucket/x", "object storage output is not supported"),
+    ("nope://bucket/x", "cannot open this storage URI"),  # object stores are checked (tests/test_storage_s3.py)
 ])
 def test_unusable_output_is_one_clear_message_before_ray(tmp_path, monkeypatch, capsys, output, expected):
     from dreamcore.cli import main

@@ -188,3 +188,173 @@ def test_serve_checkpoint_from_s3_downloads_once(bucket, tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match="has no config.json; pass the model/ folder"):
             check_checkpoint(wrong)
     assert downloads == [uri, uri]  # refused before anything was downloaded
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) curation: --output s3://bucket/prefix, published group by group like a local folder
+
+
+def _no_ray(monkeypatch) -> None:
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("pipelines.curate.job.ray_init", started)
+
+
+def _keys(uri: str) -> list[str]:
+    """Every object under `uri`, directory markers included (a stray `.tmp-.../` marker counts)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(inner):].lstrip("/") for i in infos)
+
+
+def _published(uri: str) -> list[str]:
+    """The data files a reader may find: samples, rejected rows and dedup hashes."""
+    return [f for f in storage.list_files(uri) if f.split("/")[0] in ("samples", "rejected", "_state")]
+
+
+def _manifest_files(m: dict) -> list[str]:
+    return sorted(m["outputs"]["files"] + m["rejected"]["files"])
+
+
+def test_curate_output_uri_is_checked_before_ray(bucket, monkeypatch, tmp_path, capsys):
+    from dreamcore.cli import main
+    from pipelines.curate.job import CurateError, check_output
+
+    _no_ray(monkeypatch)
+    with pytest.raises(CurateError) as missing:
+        check_output("s3://no-such-bucket/cur")
+    assert str(missing.value).splitlines() == [
+        "--output s3://no-such-bucket/cur: bucket 'no-such-bucket' does not exist; create it or fix the URI"]
+    shard = tmp_path / "s.jsonl"
+    shard.write_text("")
+    assert main(["curate", str(shard), "--output", "s3://no-such-bucket/cur"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dreamcore curate: {missing.value}\n"
+
+    with pytest.raises(CurateError, match=r"^--output s3://\.\.\.@.*must not carry credentials") as inline:
+        check_output(f"s3://AKIAX:hunter2@{bucket}/cur")
+    assert "hunter2" not in str(inline.value)
+    with pytest.raises(CurateError, match="give a folder inside the bucket"):
+        check_output(f"s3://{bucket}")
+    assert check_output(f"s3://{bucket}/cur/") == f"s3://{bucket}/cur"
+    assert _keys(f"s3://{bucket}") == []  # checking writes nothing
+
+
+def test_curate_to_s3_publishes_atomically_and_cleans_a_killed_group(bucket, monkeypatch, tmp_path):
+    """Without Ray (empty shards publish on the driver): the group's files go through a temp prefix,
+    the manifest names exactly the published files, and a group killed between its moves and the
+    manifest (or a stray temp prefix) is removed by the next run, which then publishes it again."""
+    from pipelines.curate import manifest as mf
+    from pipelines.curate.job import curate
+
+    _no_ray(monkeypatch)
+    out = f"s3://{bucket}/cur"
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("\n\n")
+    m = curate([str(tmp_path / "a.jsonl")], out)
+    assert m["rejected"]["files"] == ["rejected/rejected-g0000.parquet"] and mf.check_invariant(m) == []
+    assert mf.load(out) == m and _published(out) == _manifest_files(m)
+    assert not [k for k in _keys(out) if ".tmp-" in k]
+
+    # A crash after g0001's files were moved into place, before its manifest was written.
+    real_save = mf.save
+
+    def crash_once(directory, manifest):
+        monkeypatch.setattr(mf, "save", real_save)
+        raise RuntimeError("killed before the manifest")
+
+    monkeypatch.setattr(mf, "save", crash_once)
+    with pytest.raises(RuntimeError, match="killed"):
+        curate([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], out)
+    assert "rejected/rejected-g0001.parquet" in _published(out)  # published files, not in the manifest
+    assert mf.load(out) == m
+    # And what a kill mid-write leaves: a temp prefix and an unlisted shard and hashes file.
+    for stray in (".tmp-g0001-dead/samples/part.parquet", "samples/part-g0009-00000.parquet",
+                  "_state/hashes-g0009-00000.parquet"):
+        storage.write_text(f"{out}/{stray}", "half written")
+    storage.write_text(f"{out}/_state/notes.txt", "not ours")
+
+    again = curate([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], out)
+    assert again["shards"]["skipped_on_resume"] == [str(tmp_path / "a.jsonl")]
+    assert [g["id"] for g in again["groups"]] == ["g0000", "g0001"]
+    assert _published(out) == sorted(_manifest_files(again) + ["_state/notes.txt"])
+    assert not [k for k in _keys(out) if ".tmp-" in k]
+    assert mf.load(out) == again and "testing-secret" not in storage.read_text(f"{out}/manifest.json")
+
+
+def _corpus(folder: Path, base: str, n_docs: int = 20) -> list[Path]:
+    """`n_docs` documents in two shards, 1-2 loopback images each; the last one repeats the first
+    document's image under another URL, so dedup (in the second group) drops it against the hashes
+    the first group published."""
+    from _curate_helpers import mmc4_doc, write_jsonl
+
+    docs = [mmc4_doc(f"http://ex.com/{i}", [f"{base}/img/{i}.jpg"] + ([f"{base}/img/{i}b.jpg"] if i % 3 == 0 else []),
+                     offset=i) for i in range(n_docs - 1)]
+    docs.append(mmc4_doc("http://ex.com/dup", [f"{base}/img/dup.jpg"], offset=3))
+    folder.mkdir()
+    half = n_docs // 2
+    return [write_jsonl(folder / "s1.jsonl", docs[:half]), write_jsonl(folder / "s2.jsonl", docs[half:])]
+
+
+def _corpus_images(n_docs: int = 20) -> dict[str, bytes]:
+    from _curate_helpers import image_bytes
+
+    images = {f"{i}.jpg": image_bytes("JPEG", (64, 48), i) for i in range(n_docs)}
+    images |= {f"{i}b.jpg": image_bytes("JPEG", (64, 48), 100 + i) for i in range(n_docs)}
+    return images | {"dup.jpg": images["0.jpg"]}
+
+
+def _curate_cfg():
+    from pipelines.curate.config import embedded
+
+    cfg = embedded()
+    cfg.crawl.timeout_s, cfg.crawl.retries, cfg.crawl.backoff_s = 2.0, 1, 0.05
+    cfg.progress = False
+    cfg.shards_per_commit = 1  # two groups: the second dedups against the first one's published hashes
+    cfg.filter.dedup_exact = True
+    return cfg
+
+
+@pytest.mark.e2e
+def test_curate_to_s3_matches_local_resumes_and_trains(ray_session, moto_endpoint, bucket, tmp_path):
+    from _curate_helpers import CaseServer
+
+    from pipelines.curate import manifest as mf
+    from pipelines.curate.job import curate
+    from pipelines.train.data import check_data_folder
+
+    out = f"s3://{bucket}/cur"
+    with CaseServer(_corpus_images()) as srv:
+        shards = [str(s) for s in _corpus(tmp_path / "in", srv.base)]
+        m = curate(shards, out, _curate_cfg())
+        local = curate(shards, tmp_path / "local", _curate_cfg())
+
+    assert mf.check_invariant(m) == [] and mf.load(out) == m
+    assert [g["id"] for g in m["groups"]] == ["g0000", "g0001"]
+    assert m["stages"]["read"]["in"] == {"documents": 20, "images": 27}
+    assert m["stages"]["dedup"]["dropped"]["images"] == {"duplicate_image": 1}, m["stages"]["dedup"]
+    assert m["outputs"]["samples"] > 0 and m["stages"]["write"]["out"]["images"] > 0
+    assert m["stages"] == local["stages"] and m["outputs"] == local["outputs"]  # same counts, same file names
+    assert m["rejected"] == local["rejected"] and m["tokenizer_hash"] == local["tokenizer_hash"]
+    # Exactly the listed files are published, all present; no temp prefix is left; no secret.
+    assert _published(out) == sorted(_manifest_files(m) + [f"_state/{f}" for f in
+                                                           storage.list_files(f"{out}/_state")])
+    assert all(f.startswith("hashes-g000") for f in storage.list_files(f"{out}/_state"))
+    assert not [k for k in _keys(out) if ".tmp-" in k]
+    assert storage.list_files(f"{out}/tokenizer") == storage.list_files(tmp_path / "local" / "tokenizer")
+    text = storage.read_text(f"{out}/manifest.json")
+    assert "testing-secret" not in text and moto_endpoint not in text
+
+    # The trainer reads the bucket folder as it is.
+    model_cfg = _curate_cfg().model_config()
+    files = check_data_folder(out, model_cfg)
+    assert sorted(f.removeprefix(f"{out}/") for f in files) == sorted(m["outputs"]["files"])
+
+    # The same command again: every shard is skipped, nothing in the bucket changes.
+    before = storage.list_files(out)
+    again = curate(shards, out, _curate_cfg())
+    assert again["shards"]["skipped_on_resume"] == sorted(shards) and again["outputs"] == m["outputs"]
+    assert storage.list_files(out) == before and again["groups"] == m["groups"]

@@ -7,11 +7,13 @@
 5. similarity MMC4 assignment (CLIP actors on GPU when the cluster has GPUs, else CPU)
 6. documents min/max images and sentences
 7. tokenize  DreamLLM layout, then fixed-length rows (pack or truncate)
-8. write     Parquet under a temp folder, renamed into DIR/samples/, then the manifest
+8. write     Parquet under a temp folder, moved into DIR/samples/, then the manifest
 
 Input shards are processed in groups (`shards_per_commit`); a group is published (samples,
 rejected rows, hashes, manifest) only when complete, so a rerun skips finished shards and a killed
-run leaves nothing a reader would take as complete.
+run leaves nothing a reader would take as complete. DIR may be a local folder or an object-store
+URI (s3://bucket/prefix, through dreamcore.storage): there files are moved by copy + delete, and
+the manifest (one PUT, atomic) is still the commit point, since readers list shards from it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
+import tempfile
 import time
 import uuid
 from functools import lru_cache
@@ -28,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from dreamcore import storage
 from dreamcore.config import to_dict
 from dreamcore.schema import (
     CURATE_DOC_SCHEMA,
@@ -55,7 +59,6 @@ from .tokenize import encode_doc, pack_docs, tokenizer_for, train_tokenizer
 STATE = "_state"
 HASHES_SCHEMA = pa.schema([("sha256", pa.string()), ("phash", pa.string())])
 HASHES_ROWS_PER_FILE = 1_000_000  # ~80 MB files in DIR/_state: few files per group, not one per block
-URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class CurateError(ValueError):
@@ -128,14 +131,40 @@ def similarity_udf(batch: pa.Table, sim_cfg: Any, filter_cfg: Any) -> pa.Table:
     return SimilarityUDF(sim_cfg, filter_cfg)(batch)
 
 
-def encode_udf(batch: pa.Table, tok_path: str, mcfg: Any) -> pa.Table:
-    tok = tokenizer_for(tok_path, mcfg)
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """The driver's object-store settings in this worker for the block (restored afterwards, as
+    the worker process runs other tasks too)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _tokenizer(tok_path: str, mcfg: Any, env: dict[str, str] | None) -> DreamTokenizer:
+    """The job's tokenizer in a worker; one in an object store is downloaded once per node
+    (storage.cached_copy), with `env` (the driver's settings) to reach the store."""
+    if storage.is_uri(tok_path):
+        with _environment(env or {}):
+            tok_path = str(storage.cached_copy(tok_path))
+    return tokenizer_for(tok_path, mcfg)
+
+
+def encode_udf(batch: pa.Table, tok_path: str, mcfg: Any, env: dict[str, str] | None = None) -> pa.Table:
+    tok = _tokenizer(tok_path, mcfg, env)
     docs = [encode_doc(tok, d, mcfg) for d in _rows(batch)]
     return pa.Table.from_pylist(docs, schema=CURATE_ENCODED_SCHEMA)
 
 
-def pack_udf(batch: pa.Table, tok_path: str, mcfg: Any, packing: bool, pair_layout: str) -> pa.Table:
-    tok = tokenizer_for(tok_path, mcfg)
+def pack_udf(batch: pa.Table, tok_path: str, mcfg: Any, packing: bool, pair_layout: str,
+             env: dict[str, str] | None = None) -> pa.Table:
+    tok = _tokenizer(tok_path, mcfg, env)
     samples = pack_docs(tok, _rows(batch), mcfg, packing, pair_layout)
     return pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA)
 
@@ -174,21 +203,24 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _clean_orphans(out: Path, manifest: dict) -> None:
-    """Remove what a killed run left: temp folders, samples/rejected files the manifest lacks."""
-    for tmp in out.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+def _clean_orphans(out: str | Path, manifest: dict) -> None:
+    """Remove what a killed run left: temp folders, samples/rejected files the manifest lacks
+    (local folders and object-store prefixes alike)."""
+    for name in storage.list_dirs(out):
+        if name.startswith(".tmp-"):
+            storage.delete_dir(storage.join(out, name))
     listed = set(manifest["outputs"]["files"]) | set(manifest["rejected"]["files"])
+    groups = {g["id"] for g in manifest["groups"]}
     for sub in ("samples", "rejected", STATE):
-        for f in (out / sub).glob("*.parquet") if (out / sub).exists() else []:
-            rel = f"{sub}/{f.name}"
-            if sub != STATE and rel not in listed:
-                f.unlink()
+        for fname in storage.list_files(storage.join(out, sub), recursive=False):
+            if not fname.endswith(".parquet"):
+                continue
+            rel = f"{sub}/{fname}"
             # _state/hashes-<group>[-<i>].parquet of a group the manifest lacks; other files are not ours
-            name = f.stem.split("-")
-            if sub == STATE and name[0] == "hashes" and name[1:2] != [] and \
-                    name[1] not in {g["id"] for g in manifest["groups"]}:
-                f.unlink()
+            name = fname.removesuffix(".parquet").split("-")
+            if (sub != STATE and rel not in listed) or \
+                    (sub == STATE and name[0] == "hashes" and name[1:2] != [] and name[1] not in groups):
+                storage.delete_file(storage.join(out, rel))
 
 
 def _check_resume(manifest: dict, cfg: CurateConfig) -> None:
@@ -214,13 +246,43 @@ def _check_resume(manifest: dict, cfg: CurateConfig) -> None:
                           f"writes {SCHEMA_VERSION}: use a new --output folder")
 
 
-def _prepare_tokenizer(out: Path, cfg: CurateConfig, kept_texts: Any) -> DreamTokenizer:
-    """DIR/tokenizer/: the configured tokenizer, or a BPE trained on kept text (first group only)."""
+def _prepare_tokenizer(out: str | Path, cfg: CurateConfig, kept_texts: Any,
+                       published: bool = False) -> DreamTokenizer:
+    """DIR/tokenizer/: the configured tokenizer, or a BPE trained on kept text (first group only).
+
+    Locally the folder appears by one rename. In an object store the upload is not atomic, so an
+    existing tokenizer/ is trusted only once a published group used it (`published`: the manifest
+    has its hash); otherwise it is a killed run's upload and is made and uploaded again.
+    """
+    if storage.is_uri(out):
+        return _prepare_tokenizer_uri(storage.join(out, "tokenizer"), cfg, kept_texts, published)
     mcfg = cfg.model_config()
-    tok_dir = out / "tokenizer"
+    tok_dir = Path(out) / "tokenizer"
     if tok_dir.exists():
         return tokenizer_for(str(tok_dir), mcfg)
-    tmp = out / f".tmp-tokenizer-{uuid.uuid4().hex[:8]}"
+    tmp = Path(out) / f".tmp-tokenizer-{uuid.uuid4().hex[:8]}"
+    tok = _make_tokenizer(tmp, cfg, kept_texts)
+    os.replace(tmp, tok_dir)
+    return tok
+
+
+def _prepare_tokenizer_uri(tok_uri: str, cfg: CurateConfig, kept_texts: Any, published: bool) -> DreamTokenizer:
+    """tokenizer/ in an object store: made in a local temp folder, then uploaded whole."""
+    mcfg = cfg.model_config()
+    if published and storage.is_dir(tok_uri):
+        return tokenizer_for(str(storage.cached_copy(tok_uri)), mcfg)
+    tmp = Path(tempfile.mkdtemp(prefix="dreamcore-tokenizer-"))
+    try:
+        tok = _make_tokenizer(tmp / "tokenizer", cfg, kept_texts)
+        storage.upload_dir(tmp / "tokenizer", tok_uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def _make_tokenizer(tmp: Path, cfg: CurateConfig, kept_texts: Any) -> DreamTokenizer:
+    """The configured tokenizer, or a BPE trained on kept text, saved into the folder `tmp`."""
+    mcfg = cfg.model_config()
     if mcfg.tokenizer.name_or_path:
         tok = DreamTokenizer.build(mcfg.tokenizer, mcfg.vision.num_tokens, mcfg.dream.num_queries)
         tok.save_pretrained(tmp)
@@ -231,7 +293,6 @@ def _prepare_tokenizer(out: Path, cfg: CurateConfig, kept_texts: Any) -> DreamTo
                               "see DIR/rejected/ and the manifest's dropped counts, or set "
                               "model_overrides.tokenizer.name_or_path")
         tok = train_tokenizer(texts, mcfg, str(tmp))
-    os.replace(tmp, tok_dir)
     return tok
 
 
@@ -263,16 +324,16 @@ def _check_models(cfg: CurateConfig) -> None:
             ) from None
 
 
-def check_output(output: str | Path) -> Path:
-    """`output` as a local folder path, or a CurateError naming --output and the fix.
+def check_output(output: str | Path) -> Path | str:
+    """`output` as a local folder path or an object-store URI, or a CurateError naming --output and the fix.
 
-    Checked before any Ray work: the job publishes by renaming files within the folder, so it needs
-    a local or shared POSIX path it can create and write (object storage has no atomic rename).
+    Checked before any Ray work: a local folder must be creatable and writable; for a URI the store
+    must be reachable and the bucket must exist (storage.check_access), and the URI must not carry
+    credentials (they would end up in the manifest and logs).
     """
     text = str(output).removeprefix("file://")
-    if URI.match(text):
-        raise CurateError(f"--output {text}: object storage output is not supported by this version of curate; "
-                          "write to a local or shared POSIX path")
+    if storage.is_uri(text):
+        return _check_output_uri(text)
     out = Path(text)
     if out.exists() and not out.is_dir():
         raise CurateError(f"--output {text} is an existing file, not a folder; give a new or existing folder path")
@@ -285,6 +346,19 @@ def check_output(output: str | Path) -> Path:
     return out
 
 
+def _check_output_uri(uri: str) -> str:
+    """An object-store --output, checked in one request; the message never echoes credentials."""
+    try:
+        storage.check_access(uri, "--output")
+        inner = storage.filesystem(uri)[1]
+    except storage.StorageError as e:
+        text = str(e)
+        raise CurateError(text if text.startswith("--output ") else f"--output {text}") from None
+    if "/" not in inner:
+        raise CurateError(f"--output {uri}: give a folder inside the bucket, e.g. {uri.rstrip('/')}/data/NAME")
+    return storage.resolve(uri)
+
+
 def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = None,
            address: str | None = None) -> dict:
     """Curate `inputs` (shards, folders, globs, URIs) into `output`; returns the manifest."""
@@ -293,7 +367,7 @@ def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = 
     mcfg = cfg.model_config()
     _check_models(cfg)
     shards = expand_inputs(list(inputs))
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     try:
         manifest = mf.load(out)
     except ValueError as e:  # a manifest.json that is not JSON: one line naming it and the fix
@@ -315,6 +389,7 @@ def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = 
         mf.save(out, manifest)
         return manifest
     ray_init(address)
+    _check_plan_scratch(out)
     with _data_context(cfg):
         for start in range(0, len(pending), cfg.shards_per_commit):
             _run_group(pending[start:start + cfg.shards_per_commit], out, cfg, manifest)
@@ -327,34 +402,76 @@ def _timed(durations: dict, key: str, t0: float) -> float:
     return now
 
 
-def _new_group(out: Path, manifest: dict) -> tuple[str, Path]:
+def _fs_path(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for pyarrow and Ray Data reads and writes: no filesystem for local paths
+    (their default, as before); for a URI the storage filesystem and the path inside it, so the
+    driver's endpoint and credentials travel (pickled) to the workers."""
+    if storage.is_uri(path):
+        return storage.filesystem(path)
+    return None, str(path)
+
+
+def _write_table(table: pa.Table, path: str | Path) -> None:
+    fs, inner = _fs_path(path)
+    pq.write_table(table, inner, filesystem=fs)
+
+
+def _plan_dir(out: str | Path, tmp: str) -> Path:
+    """Where dedup writes this group's drops, read back where they are applied (dedup.py writes
+    and reads local paths): the group's temp folder; for an object-store output, a scratch folder
+    under the cache root ($DREAMCORE_CACHE_DIR), removed when the group ends."""
+    if not storage.is_uri(out):
+        return Path(tmp) / "dedup"
+    return storage.cache_root() / "curate-plans" / tmp.rsplit("/", 1)[-1].lstrip(".")
+
+
+def _check_plan_scratch(out: str | Path) -> None:
+    """An object-store output on a multi-node cluster needs a dedup scratch folder every node sees."""
+    if not storage.is_uri(out):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not os.environ.get(storage.CACHE_ENV):
+        raise CurateError(
+            f"--output {out}: on a cluster of {len(nodes)} nodes with object-store output, dedup's per-group "
+            f"plan is written to {storage.CACHE_ENV}, which must be a folder every node shares: set it to a path "
+            "on the shared volume, or curate to a shared folder"
+        )
+
+
+def _new_group(out: str | Path, manifest: dict) -> tuple[str, str]:
     """The next group's id and its temp folder (removed by _publish, or by the next run's cleanup)."""
     gid = f"g{len(manifest['groups']):04d}"
-    tmp = out / f".tmp-{gid}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = storage.join(out, f".tmp-{gid}-{uuid.uuid4().hex[:8]}")
+    if not storage.is_uri(out):  # object stores have no folders: the prefix exists once a file is written
+        Path(tmp).mkdir(parents=True)
     return gid, tmp
 
 
-def _run_group(group: list[str], out: Path, cfg: CurateConfig, manifest: dict) -> None:
+def _run_group(group: list[str], out: str | Path, cfg: CurateConfig, manifest: dict) -> None:
     """One shard group, start to publish; `manifest` is updated and saved only at the end."""
     gid, tmp = _new_group(out, manifest)
-    durations: dict[str, float] = {}
-    t = time.perf_counter()
-    docs = _read_crawl_filter(group, cfg)
-    t = _timed(durations, "read+crawl+filter", t)
-    if docs.count() == 0:  # shards too large for the driver's check, yet empty: nothing to dedup
-        _publish_nothing(group, gid, tmp, out, manifest, durations)
-        return
-    docs = _dedup_similarity_documents(docs, out, cfg, tmp / "dedup")
-    t = _timed(durations, "dedup+similarity+documents", t)
-    encoded = _tokenize_and_write(docs, out, cfg, manifest, tmp / "samples")
-    t = _timed(durations, "tokenize", t)
-    acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
-    acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
-    pq.write_table(acct.filter(pa.compute.not_equal(acct["stage"], "")), tmp / "rejected.parquet")
-    _write_hashes(encoded, tmp / "hashes")
-    _timed(durations, "write", t)
-    _publish(group, gid, tmp, out, acct, manifest, durations)
+    plan_dir = _plan_dir(out, tmp)
+    try:
+        durations: dict[str, float] = {}
+        t = time.perf_counter()
+        docs = _read_crawl_filter(group, cfg)
+        t = _timed(durations, "read+crawl+filter", t)
+        if docs.count() == 0:  # shards too large for the driver's check, yet empty: nothing to dedup
+            _publish_nothing(group, gid, tmp, out, manifest, durations)
+            return
+        docs = _dedup_similarity_documents(docs, out, cfg, plan_dir)
+        t = _timed(durations, "dedup+similarity+documents", t)
+        encoded = _tokenize_and_write(docs, out, cfg, manifest, storage.join(tmp, "samples"))
+        t = _timed(durations, "tokenize", t)
+        acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
+        acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
+        _write_table(acct.filter(pa.compute.not_equal(acct["stage"], "")), storage.join(tmp, "rejected.parquet"))
+        _write_hashes(encoded, storage.join(tmp, "hashes"))
+        _timed(durations, "write", t)
+        _publish(group, gid, tmp, out, acct, manifest, durations)
+    finally:
+        if storage.is_uri(out):
+            shutil.rmtree(plan_dir, ignore_errors=True)
 
 
 def _read_crawl_filter(group: list[str], cfg: CurateConfig) -> ray.data.Dataset:
@@ -372,7 +489,7 @@ def _read_crawl_filter(group: list[str], cfg: CurateConfig) -> ray.data.Dataset:
     ).materialize()
 
 
-def _dedup_similarity_documents(docs: ray.data.Dataset, out: Path, cfg: CurateConfig,
+def _dedup_similarity_documents(docs: ray.data.Dataset, out: str | Path, cfg: CurateConfig,
                                 plan_dir: Path) -> ray.data.Dataset:
     """Steps 4-6. Dedup is planned from hashes only, partitioned across the cluster (dedup.py):
     its drops are written by shard under `plan_dir` and applied where the documents are."""
@@ -397,8 +514,8 @@ def _dedup_similarity_documents(docs: ray.data.Dataset, out: Path, cfg: CurateCo
     return docs.materialize()
 
 
-def _tokenize_and_write(docs: ray.data.Dataset, out: Path, cfg: CurateConfig, manifest: dict,
-                        samples_dir: Path) -> ray.data.Dataset:
+def _tokenize_and_write(docs: ray.data.Dataset, out: str | Path, cfg: CurateConfig, manifest: dict,
+                        samples_dir: str) -> ray.data.Dataset:
     """Step 7-8: tokenizer (trained on kept text when none is configured), encode, pack, write
     Parquet under `samples_dir` (a temp folder). Returns the encoded rows (accounting source)."""
     mcfg = cfg.model_config()
@@ -411,44 +528,52 @@ def _tokenize_and_write(docs: ray.data.Dataset, out: Path, cfg: CurateConfig, ma
         return [" ".join(r["texts"]) for r in sample.take_all()]
 
     try:
-        tok = _prepare_tokenizer(out, cfg, kept_texts)
+        tok = _prepare_tokenizer(out, cfg, kept_texts, published=manifest["tokenizer_hash"] is not None)
     except ValueError as e:  # the tokenizer module's messages name the path and the fix
         raise CurateError(str(e)) from None
     manifest["tokenizer_hash"] = tok.content_hash()
-    tok_path = str(out / "tokenizer")
+    tok_kw: dict[str, Any] = {"tok_path": storage.join(out, "tokenizer"), "mcfg": mcfg}
+    if storage.is_uri(out):  # workers download it; the settings travel pickled, never in a runtime_env
+        tok_kw["env"] = storage.environment()
     encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
-                               fn_kwargs={"tok_path": tok_path, "mcfg": mcfg}).materialize()
+                               fn_kwargs=tok_kw).materialize()
+    fs, path = _fs_path(samples_dir)
     (
         encoded.filter(lambda r: not r["drop_stage"])
         .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
-                     fn_kwargs={"tok_path": tok_path, "mcfg": mcfg, "packing": cfg.tokenize.packing == "pack",
-                                "pair_layout": cfg.tokenize.pair_layout})
-        .write_parquet(str(samples_dir), max_rows_per_file=cfg.tokenize.samples_per_file, schema=SAMPLE_SCHEMA)
+                     fn_kwargs=tok_kw | {"packing": cfg.tokenize.packing == "pack",
+                                         "pair_layout": cfg.tokenize.pair_layout})
+        .write_parquet(path, filesystem=fs, max_rows_per_file=cfg.tokenize.samples_per_file, schema=SAMPLE_SCHEMA)
     )
     return encoded
 
 
-def _publish(group: list[str], gid: str, tmp: Path, out: Path, acct: pa.Table, manifest: dict,
+def _parquet_in(folder: str) -> list[str]:
+    """The .parquet files directly in `folder` (local or URI), sorted by name; [] if it is absent."""
+    return [storage.join(folder, f) for f in storage.list_files(folder, recursive=False) if f.endswith(".parquet")]
+
+
+def _publish(group: list[str], gid: str, tmp: str, out: str | Path, acct: pa.Table, manifest: dict,
              durations: dict[str, float]) -> None:
-    """Rename the group's files into place, then save the manifest: the group's commit point."""
-    written = sorted((tmp / "samples").glob("*.parquet")) if (tmp / "samples").exists() else []
+    """Move the group's files into place, then save the manifest: the group's commit point (in an
+    object store the moves are copies + deletes; readers list shards from the manifest only)."""
+    written = _parquet_in(storage.join(tmp, "samples"))
     n_samples, n_docs, n_images = _count_written(written)
     rows = acct.select(["image_index", "stage", "reason"]).to_pylist()
     stages = mf.stage_counts([(r["stage"], r["reason"]) for r in rows if r["image_index"] == -1],
                              [(r["stage"], r["reason"]) for r in rows if r["image_index"] >= 0],
                              written=(n_docs, n_images))
     for sub in ("samples", "rejected", STATE):
-        (out / sub).mkdir(exist_ok=True)
+        storage.makedirs(storage.join(out, sub))
     files = []
     for i, f in enumerate(written):
         files.append(f"samples/part-{gid}-{i:05d}.parquet")
-        os.replace(f, out / files[-1])
+        storage.move(f, storage.join(out, files[-1]))
     rej_rel = f"rejected/rejected-{gid}.parquet"
-    os.replace(tmp / "rejected.parquet", out / rej_rel)
-    hashes = sorted((tmp / "hashes").glob("*.parquet")) if (tmp / "hashes").exists() else []
-    for i, f in enumerate(hashes):
-        os.replace(f, out / STATE / f"hashes-{gid}-{i:05d}.parquet")
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.move(storage.join(tmp, "rejected.parquet"), storage.join(out, rej_rel))
+    for i, f in enumerate(_parquet_in(storage.join(tmp, "hashes"))):
+        storage.move(f, storage.join(out, STATE, f"hashes-{gid}-{i:05d}.parquet"))
+    storage.delete_dir(tmp)
 
     manifest["stages"] = mf.merge_stages(manifest["stages"], stages)
     manifest["outputs"]["samples"] += n_samples
@@ -464,14 +589,14 @@ def _publish(group: list[str], gid: str, tmp: Path, out: Path, acct: pa.Table, m
     mf.save(out, manifest)
 
 
-def _publish_nothing(group: list[str], gid: str, tmp: Path, out: Path, manifest: dict,
+def _publish_nothing(group: list[str], gid: str, tmp: str, out: str | Path, manifest: dict,
                      durations: dict[str, float]) -> None:
     """Publish a group whose shards hold no documents: zero counts, an empty rejected file."""
-    pq.write_table(REJECTED_SCHEMA.empty_table(), tmp / "rejected.parquet")
+    _write_table(REJECTED_SCHEMA.empty_table(), storage.join(tmp, "rejected.parquet"))
     _publish(group, gid, tmp, out, REJECTED_SCHEMA.empty_table(), manifest, durations)
 
 
-def _count_written(files: list[Path]) -> tuple[int, int, int]:
+def _count_written(files: list[str]) -> tuple[int, int, int]:
     """Samples, documents and images in the published shards, each document and image once.
 
     A document is in one row, except a one-image document laid out as pairs (tokenize.pair_layout):
@@ -480,7 +605,8 @@ def _count_written(files: list[Path]) -> tuple[int, int, int]:
     samples = images = 0
     rows_of: dict[str, int] = {}
     for f in files:
-        t = pq.read_table(f, columns=["doc_ids", "image_slots"])
+        fs, path = _fs_path(f)
+        t = pq.read_table(path, columns=["doc_ids", "image_slots"], filesystem=fs)
         samples += t.num_rows
         for ids in t.column("doc_ids").to_pylist():
             for d in ids:
@@ -490,7 +616,7 @@ def _count_written(files: list[Path]) -> tuple[int, int, int]:
     return samples, len(rows_of), images - repeats
 
 
-def _write_hashes(encoded: Any, folder: Path) -> None:
+def _write_hashes(encoded: Any, folder: str) -> None:
     """Hashes of images that made it into samples, written by the workers (never gathered here):
     later shard groups and runs dedup against them."""
     def keep(batch: pa.Table) -> pa.Table:
@@ -501,14 +627,19 @@ def _write_hashes(encoded: Any, folder: Path) -> None:
                 out["phash"].append(img["phash"])
         return pa.table(out, schema=HASHES_SCHEMA)
 
+    fs, path = _fs_path(folder)
     encoded.map_batches(keep, batch_format="pyarrow").write_parquet(
-        str(folder), schema=HASHES_SCHEMA, min_rows_per_file=HASHES_ROWS_PER_FILE)
+        path, filesystem=fs, schema=HASHES_SCHEMA, min_rows_per_file=HASHES_ROWS_PER_FILE)
 
 
-def _seen_hashes(out: Path) -> ray.data.Dataset | None:
+def _seen_hashes(out: str | Path) -> ray.data.Dataset | None:
     """Hashes published by earlier groups and runs, as a dataset the dedup partitions read."""
-    files = sorted((out / STATE).glob("hashes-*.parquet")) if (out / STATE).exists() else []
-    return ray.data.read_parquet([str(f) for f in files], schema=HASHES_SCHEMA) if files else None
+    state = storage.join(out, STATE)
+    files = [f for f in _parquet_in(state) if f.rsplit("/", 1)[-1].startswith("hashes-")]
+    if not files:
+        return None
+    fs = _fs_path(state)[0]
+    return ray.data.read_parquet([_fs_path(f)[1] for f in files], filesystem=fs, schema=HASHES_SCHEMA)
 
 
 __all__ = ["curate", "check_output", "CurateError", "CURATE_DOC_SCHEMA"]

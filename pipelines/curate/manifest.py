@@ -3,7 +3,8 @@ outputs, config, schema version, tokenizer hash, durations, finished shards.
 
 Counts are computed from accounting rows (one per document and per image, carrying the stage and
 reason that dropped it, "" if kept), so the invariant holds by construction and a test checks it.
-The file is written to a temp name and renamed: a reader never sees half a manifest.
+The file is written to a temp name and renamed: a reader never sees half a manifest. In an object
+store (DIR is a URI) it is one PUT, which S3 makes visible whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from dreamcore import storage
 from dreamcore.schema import SCHEMA_VERSION
 
 STAGES = ("read", "crawl", "filter", "dedup", "similarity", "documents", "tokenize", "write")
@@ -98,12 +100,13 @@ def new_manifest(config: dict, model: dict) -> dict:
     }
 
 
-def load(directory: Path) -> dict | None:
-    path = directory / MANIFEST
-    if not path.exists():
+def load(directory: str | Path) -> dict | None:
+    """DIR/manifest.json (DIR a local folder or a URI), None when there is none yet."""
+    path = storage.join(directory, MANIFEST)
+    if not storage.is_file(path):
         return None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); move it away to start the output afresh") from None
     # Anything else (null, a list, a dict without the run's keys) would read as "no run yet", and a
@@ -114,7 +117,13 @@ def load(directory: Path) -> dict | None:
     return manifest
 
 
-def save(directory: Path, manifest: dict) -> None:
+def save(directory: str | Path, manifest: dict) -> None:
+    """Write DIR/manifest.json atomically: temp file + rename locally, a single PUT on a URI."""
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    if storage.is_uri(directory):
+        storage.write_text(storage.join(directory, MANIFEST), text)
+        return
+    directory = Path(directory)
     tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, directory / MANIFEST)
