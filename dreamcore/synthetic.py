@@ -40,6 +40,7 @@ import math
 import random
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -781,8 +782,9 @@ class ImageServer:
     crawl the web. Use as a context manager or call start()/stop().
     """
 
-    def __init__(self, size: int = 64, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, size: int = 64, host: str = "127.0.0.1", port: int = 0, delay_s: float = 0.0) -> None:
         self.size = size
+        self.delay_s = delay_s  # per response: a slow web host, so fault tests can act mid-crawl
         self.host = host
         self.port = port
         self._server: ThreadingHTTPServer | None = None
@@ -803,6 +805,8 @@ class ImageServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 owner.requests += 1
+                if owner.delay_s:
+                    time.sleep(owner.delay_s)
                 name = self.path.split("?", 1)[0].lstrip("/")
                 body: bytes | None = None
                 if name.endswith(".png"):

@@ -39,6 +39,9 @@ class DeploymentSettings:
     max_queued_requests: int = 32  # beyond this Serve answers 503 + Retry-After at once
     num_cpus: float = 0.5
     num_gpus: float = 0.0  # fraction of a GPU per replica (e.g. 0.5 puts two replicas on one GPU)
+    # Custom Ray resources per replica, e.g. {"decoder_node": 1}: only nodes started with that
+    # resource (`ray start --resources`, a KubeRay group's rayStartParams) take the replicas.
+    resources: dict[str, float] = field(default_factory=dict)
     max_batch_size: int = 8  # requests (LLM rows, decoder images) sharing one model step
 
 
@@ -184,7 +187,8 @@ def deployment_options(name: str, settings: DeploymentSettings, retry_after_s: f
         "name": name,
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
-        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus,
+                              **({"resources": dict(settings.resources)} if settings.resources else {})},
         "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
         # Always an autoscaling_config (min == max pins the size) so `serve status` shows it.
         "autoscaling_config": a,

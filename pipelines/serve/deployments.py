@@ -269,6 +269,7 @@ class Ingress:
         # waiting in Serve's queue for a replica that does not exist yet.
         self._down: dict[str, DeploymentHandle] = {}
         self._probes: dict[str, asyncio.Task] = {}
+        self._answered: dict[str, float] = {}  # deployment -> when a call to it last finished (monotonic)
         # OpenAI's model `created`: when the checkpoint was written (this replica's start if its
         # folder is on another node).
         card = Path(self.cfg.checkpoint, "config.json")
@@ -286,20 +287,55 @@ class Ingress:
     async def _call(self, response: Any, deployment: str = "", handle: DeploymentHandle | None = None) -> Any:
         """Await a DeploymentResponse with the per-call timeout; map overload and crashes to 503/504.
 
-        A replica failure marks `deployment` as recovering (see `_ready`)."""
+        A replica failure marks `deployment` as recovering (see `_ready`). So does a call that is
+        still waiting after `recovery_probe_s` while no replica of `deployment` answers (`_alive`):
+        when a node dies with the only replica, Serve's router keeps retrying it and then waits for
+        a replacement, without an error; the request would hang until call_timeout_s."""
         retry = self.cfg.retry_after_s
+        call = asyncio.ensure_future(response)
+        deadline = time.monotonic() + self.cfg.call_timeout_s
         try:
-            return await asyncio.wait_for(response, self.cfg.call_timeout_s)
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=max(0.0, min(self.cfg.recovery_probe_s,
+                                                                          deadline - time.monotonic())))
+                if done:
+                    result = call.result()
+                    self._answered[deployment] = time.monotonic()
+                    return result
+                if time.monotonic() >= deadline:
+                    raise asyncio.TimeoutError
+                if handle is not None and not await self._alive(deployment, handle):
+                    self._down[deployment] = handle
+                    raise _Unavailable(f"the {deployment} has no replica that answers (it was lost, e.g. with its "
+                                       "node, and Serve is replacing it); retry in a few seconds", retry)
         except BackPressureError:
             raise _Unavailable("the model is overloaded (queue full); retry later", retry) from None
         except asyncio.TimeoutError:
-            response.cancel()
             raise _Unavailable(f"the model did not answer within {self.cfg.call_timeout_s} s", retry, 504) from None
         except RayActorError:
             # The replica died mid-request; Serve is replacing it. The client may retry.
             if handle is not None:
                 self._down[deployment] = handle
             raise _Unavailable("a model replica failed while serving this request; retry", retry) from None
+        finally:
+            if not call.done():  # given up on: leave nothing queued in Serve for it
+                call.cancel()
+                response.cancel()
+
+    async def _alive(self, deployment: str, handle: DeploymentHandle) -> bool:
+        """Whether some replica of `deployment` answers: a call to it finished within the last two
+        probe periods (busy, not gone), or a probe (shared by concurrent callers) answers in time."""
+        if time.monotonic() - self._answered.get(deployment, float("-inf")) < 2 * self.cfg.recovery_probe_s:
+            return True
+        probe = self._probes.get(deployment)
+        if probe is None or probe.done():
+            probe = self._probes[deployment] = asyncio.ensure_future(self._probe(handle))
+        try:
+            await asyncio.shield(probe)
+        except Exception:  # no answer within recovery_probe_s
+            return False
+        self._answered[deployment] = time.monotonic()
+        return True
 
     async def _ready(self, deployment: str) -> None:
         """503 + Retry-After at once while `deployment` has lost a replica and none answers yet.

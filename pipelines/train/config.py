@@ -117,6 +117,10 @@ class ScalingSettings:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 0.5
+    # Further Ray resources each worker needs, e.g. {"trainer": 1}: a custom resource that only the
+    # nodes meant for training advertise (`ray start --resources`), so workers land there and not
+    # on the head or the data nodes.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     max_failures: int = 2  # worker failures Ray Train recovers from (from the last checkpoint)
     torch_threads: int = 0  # >0: torch intra-op threads per worker; 0 = what Ray gives (OMP_NUM_THREADS)
 
@@ -164,6 +168,10 @@ class TrainConfig:
             (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
             (self.scaling.workers >= 0, "scaling.workers must be >= 0"),
             (self.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker must be > 0"),
+            (not {"CPU", "GPU"} & set(self.scaling.resources_per_worker)
+             and all(isinstance(v, (int, float)) and v > 0 for v in self.scaling.resources_per_worker.values()),
+             "scaling.resources_per_worker takes custom resources > 0 (e.g. {trainer: 1}); CPUs and GPUs "
+             "are scaling.cpus_per_worker and scaling.gpu"),
             (self.scaling.torch_threads >= 0, "scaling.torch_threads must be >= 0"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),

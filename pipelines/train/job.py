@@ -40,6 +40,7 @@ from pipelines.train.data import (
 )
 from pipelines.train.deepspeed_config import deepspeed_config
 from pipelines.train.loop import say, train_loop_per_worker
+from pipelines.train.metrics import METRICS_DIRS, METRICS_FILES
 
 # Environment every worker needs (DeepSpeed picks its accelerator from DS_ACCELERATOR at import).
 WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_DISABLE_PROGRESS_BARS")
@@ -221,7 +222,8 @@ def train(
     ingest.preserve_order = True  # the data position of a checkpoint must mean the same rows on resume
 
     # 4. The trainer (its storage: the run folder's filesystem, local or the object store).
-    resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.gpu else {})
+    resources = ({"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.gpu else {})
+                 | cfg.scaling.resources_per_worker)
     fs, storage_dir = storage.filesystem(run)
     storage_path, name = storage_dir.rsplit("/", 1)
     remote = ObjectStorePaths.of(cfg, run)
@@ -277,9 +279,6 @@ def local_run_dir(run: str) -> Path:
     return Path(tempfile.gettempdir()) / "dreamcore-runs" / hashlib.sha256(run.encode()).hexdigest()[:16]
 
 
-# What the loop writes into the run folder besides model/ (pipelines/train/metrics.py: MetricsWriter).
-METRICS_FILES = ("metrics.jsonl", "metrics.csv")
-METRICS_DIRS = ("tensorboard",)
 
 
 @dataclass(frozen=True)
@@ -328,7 +327,7 @@ def _loop_on_object_storage(paths: ObjectStorePaths, config: dict[str, Any]) -> 
             train_cfg["init_from"] = str(storage.cached_copy(paths.init_from))
         publish = bool(paths.run) and rank == 0
         if publish:
-            _fetch_metrics(paths.run, stage)
+            _fetch_metrics(paths.run, stage, ray.train.get_checkpoint())
         try:
             out = train_loop_per_worker({**config, "train": train_cfg})
         finally:
@@ -343,18 +342,39 @@ def _loop_on_object_storage(paths: ObjectStorePaths, config: dict[str, Any]) -> 
         shutil.rmtree(inputs, ignore_errors=True)
 
 
-def _fetch_metrics(run: str, stage: Path) -> None:
-    """The run's metrics files from the bucket into the staging folder (the bucket's copy wins)."""
+def _fetch_metrics(run: str, stage: Path, checkpoint: Any = None) -> None:
+    """The run's metrics files into the staging folder, for a resumed run to append to.
+
+    Two copies may exist: the bucket's (published when an attempt ended, even by an error) and the
+    latest checkpoint's (saved with it). Both are prefixes of one append-only history, so the longer
+    one is the newer: after a node died, killing rank 0 before it could publish, only the
+    checkpoint's copy has the steps up to that checkpoint."""
     stage.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(stage / "model", ignore_errors=True)
     for name in METRICS_FILES:
         (stage / name).unlink(missing_ok=True)
-        if storage.is_file(storage.join(run, name)):
-            (stage / name).write_text(storage.read_text(storage.join(run, name)))
+        copies = [storage.read_text(storage.join(run, name)) if storage.is_file(storage.join(run, name)) else "",
+                  _checkpoint_text(checkpoint, name)]
+        text = max(copies, key=len)
+        if text:
+            (stage / name).write_text(text)
     for name in METRICS_DIRS:
         shutil.rmtree(stage / name, ignore_errors=True)
         if storage.list_files(storage.join(run, name)):
             storage.download_dir(storage.join(run, name), stage / name)
+
+
+def _checkpoint_text(checkpoint: Any, name: str) -> str:
+    """One small file of a Ray Train checkpoint, read where it lies ("" if absent): not the whole
+    checkpoint, whose model and optimizer states the loop downloads once, later."""
+    if checkpoint is None:
+        return ""
+    path = f"{checkpoint.path.rstrip('/')}/{name}"
+    fs = checkpoint.filesystem
+    if fs.get_file_info(path).type.name != "File":
+        return ""
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
 
 
 def _publish_metrics(stage: Path, run: str) -> None:

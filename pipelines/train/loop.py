@@ -32,7 +32,14 @@ from dreamcore.config import from_dict
 from pipelines.train.config import OptimConfig, TrainConfig
 from pipelines.train.data import DataPosition, dataset_key, iterate_batches
 from pipelines.train.deepspeed_config import deepspeed_config
-from pipelines.train.metrics import MetricsWriter, mfu, peak_flops, progress_line, train_flops_per_token
+from pipelines.train.metrics import (
+    METRICS_FILES,
+    MetricsWriter,
+    mfu,
+    peak_flops,
+    progress_line,
+    train_flops_per_token,
+)
 from pipelines.train.schedule import lr_lambdas
 
 DS_TAG = "deepspeed"  # every rank saves under the same tag (DeepSpeed requires it)
@@ -403,7 +410,7 @@ def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[tuple
         if state.step % cfg.checkpoint.every_steps == 0 or last:
             # Ray Train only keeps metrics of checkpointed reports: gather positions of all ranks.
             state.positions = _all_positions(position, w.world)
-            save_checkpoint(engine, state, w.rank, metrics or {"step": state.step})
+            save_checkpoint(engine, state, w.rank, metrics or {"step": state.step}, w.run_dir)
         elif metrics:
             ray.train.report(metrics)
         if metrics:
@@ -475,6 +482,7 @@ class _StepLog:
             "tokens_per_s": tok_s, "images_per_s": images * world / dt,
             "samples_per_s": samples * world / dt, "step_time_s": dt / n,
             "mfu": mfu(tok_s, self.flops_tok, world, self.peak), "elapsed_s": state.elapsed_s,
+            "resumed_from": self.start_step,  # the step this attempt began at: 0, or its checkpoint's
         }
         for name, r, e in zip(self.names, rows, epochs):
             metrics[f"rows_{name}"] = round(r * world)
@@ -496,8 +504,12 @@ class _StepLog:
             self.writer.close()
 
 
-def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[str, Any]) -> None:
-    """Every rank writes DeepSpeed's files under one tag + its RNG, then reports to Ray Train."""
+def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[str, Any],
+                    run_dir: Path | None = None) -> None:
+    """Every rank writes DeepSpeed's files under one tag + its RNG, then reports to Ray Train.
+
+    Rank 0 adds the trainer state and the run's metrics files so far (from `run_dir`): the
+    history up to this step then survives with the checkpoint (see job._fetch_metrics)."""
     import ray.train
 
     tmp = Path(tempfile.mkdtemp(prefix=f"dreamcore-ckpt-r{rank}-"))
@@ -506,6 +518,9 @@ def save_checkpoint(engine: Any, state: TrainerState, rank: int, metrics: dict[s
         torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
             (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
+            for name in METRICS_FILES if run_dir is not None else ():
+                if (run_dir / name).is_file():
+                    shutil.copyfile(run_dir / name, tmp / name)
         dist.barrier()
         # Ray Train merges the per-rank folders into one checkpoint directory in the run storage.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))

@@ -79,6 +79,13 @@ def progress_line(row: dict[str, Any], max_steps: int, eta_s: float) -> str:
     return "[train] " + " | ".join(parts)
 
 
+# What MetricsWriter writes into the run folder besides model/. The two files also travel in every
+# checkpoint (loop.save_checkpoint), so a run whose folder is in object storage keeps its history
+# through a node's death (job._fetch_metrics).
+METRICS_FILES = ("metrics.jsonl", "metrics.csv")
+METRICS_DIRS = ("tensorboard",)
+
+
 class MetricsWriter:
     """Appends metric rows to metrics.jsonl / metrics.csv (+ TensorBoard) in the run folder."""
 

@@ -1,0 +1,98 @@
+"""Several Ray nodes on one machine (ray.cluster_utils.Cluster on loopback), one killed by PID mid-run.
+
+Each scenario runs in a child process (tests/_multinode.py), which starts and shuts down its own
+cluster: a driver joins one Ray at a time, and this session already has one. The child writes
+what happened as JSON; the assertions are here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("_multinode.py")
+
+
+def run_scenario(name: str, tmp_path: Path, timeout_s: int = 600) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), name, str(out)], env=env, timeout=timeout_s,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(line for line in proc.stderr.splitlines() if "HTTP/1.1" not in line)[-6000:]
+        pytest.fail(f"scenario {name} exited {proc.returncode}:\n{tail}")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.e2e
+def test_training_node_killed_resumes_from_the_bucket_with_the_same_losses(tmp_path):
+    """2 workers on 2 nodes, checkpoints in S3 (moto): the node of one worker dies two steps after
+    the first checkpoint; a new node joins; FailureConfig restarts the group from the checkpoint in
+    the bucket, and the run ends at its last step with the metrics history whole."""
+    r = run_scenario("train", tmp_path)
+    fault, every = r["fault"], r["checkpoint_every"]
+    assert every < fault["step_at_kill"] < r["max_steps"], fault  # killed mid-run, after a checkpoint
+    assert r["final_step"] == r["max_steps"]
+    # The attempt after the kill began at a checkpoint (not at step 0), at or before the kill.
+    rows = r["faulted"]
+    resumed = {m["resumed_from"] for m in rows} - {0}
+    assert len(resumed) == 1, rows
+    start = resumed.pop()
+    assert start % every == 0 and every <= start <= fault["step_at_kill"], (start, fault["step_at_kill"])
+    # The history in the bucket is whole: the rows up to the checkpoint (carried by it, whether or
+    # not rank 0 lived to publish its own), then the new attempt's, to the last step.
+    steps = [m["step"] for m in rows]
+    assert steps[-(r["max_steps"] - start):] == list(range(start + 1, r["max_steps"] + 1)), steps
+    assert sorted(set(steps)) == list(range(1, r["max_steps"] + 1)), steps
+    rows = list({m["step"]: m for m in rows}.values())  # the last row of each step (read_metrics' rule)
+    assert all(m["resumed_from"] == (0 if m["step"] <= start else start) for m in rows), rows
+    # The steps between the checkpoint and the kill ran twice: the second time (weights, optimizer,
+    # batches and RNG from the bucket) gives the losses of the first, read before the kill.
+    before = {m["step"]: m for m in fault["rows_before_kill"]}
+    replayed = [m for m in rows if start < m["step"] <= max(before)]
+    assert replayed, (start, sorted(before))
+    for m in [*replayed, *(m for m in rows if m["step"] <= start)]:
+        for key in ("loss", "lm_loss", "vm_loss"):
+            assert m[key] == pytest.approx(before[m["step"]][key], rel=1e-5, abs=1e-7), (m["step"], key)
+    assert {"config.json", "projectors.safetensors"} <= set(r["faulted_model"])
+
+
+@pytest.mark.e2e
+def test_curation_node_killed_mid_crawl_loses_and_duplicates_nothing(tmp_path):
+    """Crawl tasks on three nodes; a worker node dies mid-crawl. Ray retries the lost tasks (or the
+    job fails and the same command resumes). Every document of the corpus is one a straight run
+    keeps, so the output must hold each in exactly one row with all its images."""
+    r = run_scenario("curate", tmp_path)
+    fault, out = r["fault"], r["faulted"]
+    assert not fault["finished_before_kill"], fault
+    assert out["invariant_problems"] == [] and out["leftovers"] == []
+    assert len(out["doc_rows"]) == r["documents"], (len(out["doc_rows"]), r["documents"])  # nothing lost
+    assert set(out["doc_rows"].values()) == {1}, out["doc_rows"]  # nothing written twice
+    assert out["images_in_rows"] == r["images"]
+    stages = out["stages"]
+    assert stages["read"]["in"] == stages["write"]["out"] == {"documents": r["documents"], "images": r["images"]}
+    assert len(set(out["shards_done"])) == r["shards"]
+
+
+@pytest.mark.e2e
+def test_decoder_node_killed_answers_503_until_a_replica_is_back(tmp_path):
+    """The LLM and the decoder on different nodes; the decoder's node dies. Every request during
+    the outage is answered promptly with 503 + Retry-After in the API's error shape (never a hang,
+    never a 500); once a new node joins, Serve starts a decoder replica there and images come back."""
+    r = run_scenario("serve", tmp_path)
+    assert r["before"]["status"] == 200, r["before"]
+    outage = [x for x in r["records"] if x["phase"] == "outage"]
+    assert outage and all(x["status"] == 503 for x in outage), outage
+    for x in outage:
+        assert x["retry_after"] and int(x["retry_after"]) >= 1, x
+        assert x["latency_s"] < 10, x  # answered, not queued behind a replica that does not exist
+        assert {"message", "type", "request_id"} <= set(x["error"]), x
+    recovery = [x for x in r["records"] if x["phase"] == "recovery"]
+    assert all(x["status"] in (200, 503) for x in recovery), recovery
+    assert r["recovered_after_new_node_s"] is not None, recovery[-3:]
+    assert recovery[-1]["status"] == 200
