@@ -263,6 +263,12 @@ def cached_copy(uri: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def local_path(path: str | Path) -> str:
+    """`path` itself when local; for a URI the folder's copy in this machine's cache (`cached_copy`:
+    downloaded once per machine, shared by its processes)."""
+    return str(cached_copy(str(path))) if is_uri(path) else str(path)
+
+
 def makedirs(path: str | Path) -> None:
     """Create the local folder `path` (and parents); a no-op for URIs (object stores have no folders)."""
     if not is_uri(path):

@@ -303,8 +303,15 @@ def serve_scenario(work: Path) -> dict[str, Any]:
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from dreamcore import storage
     from pipelines.serve import load_serve_config, start_local
 
+    # The checkpoint is in S3 (moto): every replica downloads it on its own node. The nodes' processes
+    # inherit this process's environment (endpoint, credentials, cache folder), as on a real cluster.
+    server, endpoint = start_moto()
+    os.environ[storage.CACHE_ENV] = str(work / "cache")
+    checkpoint = f"s3://{make_bucket(endpoint)}/runs/r1/model"
+    storage.upload_dir(make_checkpoint(work / "ckpt"), checkpoint)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "resources": {"head_node": 1}})
     cluster.add_node(num_cpus=1, resources={"llm_node": 1})
@@ -317,7 +324,7 @@ def serve_scenario(work: Path) -> dict[str, Any]:
     overrides = ["llm.resources={llm_node: 1}", "decoder.resources={decoder_node: 1}",
                  "ingress.resources={head_node: 0.01}", "llm.autoscaling.max_replicas=1",
                  "decoder.autoscaling.max_replicas=1", "ingress.autoscaling.max_replicas=1"]
-    cfg = load_serve_config(None, overrides, checkpoint=str(make_checkpoint(work / "ckpt")), port=port)
+    cfg = load_serve_config(None, overrides, checkpoint=checkpoint, port=port)
     records: list[dict[str, Any]] = []
     try:
         url = start_local(config=cfg, timeout_s=240)
@@ -356,13 +363,15 @@ def serve_scenario(work: Path) -> dict[str, Any]:
                 recovered_s = round(time.time() - t_begin - t_new_node, 2)
                 break
             time.sleep(1.0)
-        return {"before": before, "records": records, "t_kill_s": round(t_kill, 2), "raylet_pid": pid,
+        return {"before": before, "records": records, "checkpoint": checkpoint,
+                "cached_copies": sorted(p.name for p in (work / "cache" / "objects").iterdir()), "t_kill_s": round(t_kill, 2), "raylet_pid": pid,
                 "t_new_node_s": round(t_new_node, 2), "recovered_after_new_node_s": recovered_s,
                 "recovery_bound_s": SERVE_RECOVERY_S}
     finally:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        server.stop()
 
 
 SCENARIOS = {"train": train_scenario, "curate": curate_scenario, "serve": serve_scenario}

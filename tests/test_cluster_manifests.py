@@ -39,6 +39,7 @@ EXAMPLE_PARAMS = {
     "DREAMCORE_IMAGE": "registry.example.com/dreamcore:0.1.0-gpu",
     "DREAMCORE_STORAGE_CLASS": "efs-sc",
     "DREAMCORE_INPUT": "s3://example-bucket/raw/mmc4/docs_shard_0.jsonl.gz",
+    "DREAMCORE_STORAGE": "s3://example-bucket/dreamcore",
     "DREAMCORE_DATASET": "mmc4-v1",
     "DREAMCORE_RUN": "stage2-r1",
 }
@@ -257,7 +258,7 @@ def test_rayjob_runs_the_project_cli_with_a_valid_runtime_env(name, stage):
     RuntimeEnv(**runtime_env)  # raises on unknown or malformed runtime_env fields
     assert spec["shutdownAfterJobFinishes"] is True  # the job's cluster goes away with the job
     # Output goes to the object store, under the documented layout.
-    assert f"{STORAGE}/data/{EXAMPLE_PARAMS['DREAMCORE_DATASET']}" in spec["entrypoint"]
+    assert f"{EXAMPLE_PARAMS['DREAMCORE_STORAGE']}/data/{EXAMPLE_PARAMS['DREAMCORE_DATASET']}" in spec["entrypoint"]
 
 
 def test_rayjob_arguments_parse_with_the_stage_verbs():
@@ -285,7 +286,7 @@ def test_training_job_requests_what_it_trains_on():
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     # Ray Train needs every worker at once: the group must be able to hold all of them.
     assert group["maxReplicas"] * gpus >= workers
-    assert f"{STORAGE}/runs/{EXAMPLE_PARAMS['DREAMCORE_RUN']}" in spec["entrypoint"]
+    assert f"{EXAMPLE_PARAMS['DREAMCORE_STORAGE']}/runs/{EXAMPLE_PARAMS['DREAMCORE_RUN']}" in spec["entrypoint"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ def test_decoder_node_killed_answers_503_until_a_replica_is_back(tmp_path):
     never a 500); once a new node joins, Serve starts a decoder replica there and images come back."""
     r = run_scenario("serve", tmp_path)
     assert r["before"]["status"] == 200, r["before"]
+    assert r["checkpoint"].startswith("s3://") and len(r["cached_copies"]) == 1  # replicas fetched it themselves
     outage = [x for x in r["records"] if x["phase"] == "outage"]
     assert outage and all(x["status"] == 503 for x in outage), outage
     for x in outage:

@@ -161,7 +161,9 @@ def test_train_on_s3_resumes_from_the_bucket_and_exports_there(ray_session, buck
 # (c) serving: an s3:// checkpoint is downloaded once into the cache and served from there
 
 
-def test_serve_checkpoint_from_s3_downloads_once(bucket, tmp_path, monkeypatch):
+def test_serve_checkpoint_from_s3_is_checked_once_and_downloaded_once_per_machine(bucket, tmp_path, monkeypatch):
+    """The app builder checks the URI without downloading; each replica loads storage.local_path(uri):
+    one download per machine (the cache), again only when the export changes."""
     from dreamcore.checkpoint import save_pretrained
     from pipelines.serve.app import check_checkpoint
 
@@ -173,21 +175,23 @@ def test_serve_checkpoint_from_s3_downloads_once(bucket, tmp_path, monkeypatch):
     downloads = []
     real_download = storage.download_dir
     monkeypatch.setattr(storage, "download_dir", lambda u, d: (downloads.append(u), real_download(u, d)))
-    local = check_checkpoint(uri)
+    assert check_checkpoint(uri) == uri and downloads == []  # checked where the app is built, not fetched
+    local = storage.local_path(uri)  # what LLMServer and ImageDecoder load, on their node
     assert Path(local).is_dir() and Path(local).is_relative_to(tmp_path / "cache")
     assert _tree(Path(local)) == _tree(tmp_path / "model")
-    assert check_checkpoint(uri) == local and downloads == [uri]  # the second call reuses the copy
+    assert storage.local_path(uri) == local and downloads == [uri]  # the second replica reuses the copy
 
     # A re-exported model under the same URI is fetched again; local paths are unchanged.
     storage.write_text(f"{uri}/config.json", (tmp_path / "model" / "config.json").read_text() + "\n")
-    assert check_checkpoint(uri) != local and downloads == [uri, uri]
+    assert storage.local_path(uri) != local and downloads == [uri, uri]
     assert check_checkpoint(str(tmp_path / "model")) == str((tmp_path / "model").resolve())
+    assert storage.local_path(tmp_path / "model") == str(tmp_path / "model")
     from dreamcore.config import ConfigError
 
     for wrong in (f"s3://{bucket}/runs/none/model", f"s3://{bucket}/runs/tiny"):  # nothing there; a run folder
         with pytest.raises(ConfigError, match="has no config.json; pass the model/ folder"):
             check_checkpoint(wrong)
-    assert downloads == [uri, uri]  # refused before anything was downloaded
+    assert downloads == [uri, uri]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,23 +39,21 @@ class ServeArgs(BaseModel):
 
 
 def check_checkpoint(path: str) -> str:
-    """An absolute checkpoint folder that holds config.json, or a ConfigError saying what is wrong.
+    """An absolute checkpoint folder that holds config.json, or an object-store URI of one
+    (s3://bucket/run/model); else a ConfigError saying what is wrong.
 
-    An object-store URI (s3://bucket/run/model) is downloaded once into the local cache
-    (dreamcore.storage.cached_copy: $DREAMCORE_CACHE_DIR or ~/.cache/dreamcore) and that copy is
-    served; the replicas load a local folder either way. The copy is on the machine that builds the
-    app, so on a multi-node cluster every node serving it needs the same cache path (shared disk).
+    A URI is checked here (reachable, config.json present) but not downloaded: each replica
+    downloads it once per node into that node's cache (dreamcore.storage.local_path), so replicas
+    on any node of a cluster load a local copy without a shared disk.
     """
     if not path:
         raise ConfigError("no checkpoint given; pass --checkpoint DIR (a folder written by save_pretrained)")
     if storage.is_uri(path):
         storage.check_access(path, "checkpoint")
-        if not storage.is_file(storage.join(path, "config.json")):  # before downloading a whole run folder
+        if not storage.is_file(storage.join(path, "config.json")):
             raise ConfigError(f"checkpoint {path} has no config.json; pass the model/ folder a training run "
                               "exported (e.g. s3://bucket/runs/NAME/model)")
-        local = storage.cached_copy(path)
-        log.info("checkpoint %s: serving the local copy %s", path, local)
-        path = str(local)
+        return storage.resolve(path)
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError(f"checkpoint {path} is not a folder; pass the folder save_pretrained wrote")

@@ -34,6 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dreamcore import storage
 from dreamcore.engine import DreamConditions, TextRequest, TextResult
 from dreamcore.generate import Document, GenerationParams, dream_requests
 from pipelines.serve.api import (
@@ -88,8 +89,9 @@ class LLMServer:
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
                  max_cache_tokens: int = 0,
                  session_ttl_s: float = 600.0, retry_after_s: float = 2.0, dtype: str = "auto") -> None:
-        self.replica = TextReplica(checkpoint, device, max_batch_size, max_cache_tokens, session_ttl_s,
-                                   retry_after_s, dtype)
+        # An object-store checkpoint: downloaded once on this replica's node (storage.local_path).
+        self.replica = TextReplica(storage.local_path(checkpoint), device, max_batch_size, max_cache_tokens,
+                                   session_ttl_s, retry_after_s, dtype)
         self.scheduler = self.replica.scheduler
         self.scheduler.start()
 
@@ -143,7 +145,8 @@ class ImageDecoder:
 
     def __init__(self, checkpoint: str, device: str = "auto", max_batch_size: int = 8,
                  max_waiting: int = 256, retry_after_s: float = 1.0, dtype: str = "auto") -> None:
-        self.replica = ImageReplica(checkpoint, device, max_batch_size, max_waiting, retry_after_s, dtype)
+        self.replica = ImageReplica(storage.local_path(checkpoint), device, max_batch_size, max_waiting,
+                                    retry_after_s, dtype)
         self.denoiser = self.replica.denoiser
         self.denoiser.start()
 
@@ -270,6 +273,7 @@ class Ingress:
         self._down: dict[str, DeploymentHandle] = {}
         self._probes: dict[str, asyncio.Task] = {}
         self._answered: dict[str, float] = {}  # deployment -> when a call to it last finished (monotonic)
+        self._typical: dict[str, float] = {}  # deployment -> moving average of its calls' time (s)
         # OpenAI's model `created`: when the checkpoint was written (this replica's start if its
         # folder is on another node).
         card = Path(self.cfg.checkpoint, "config.json")
@@ -293,14 +297,19 @@ class Ingress:
         a replacement, without an error; the request would hang until call_timeout_s."""
         retry = self.cfg.retry_after_s
         call = asyncio.ensure_future(response)
-        deadline = time.monotonic() + self.cfg.call_timeout_s
+        started = time.monotonic()
+        deadline = started + self.cfg.call_timeout_s
         try:
             while True:
-                done, _ = await asyncio.wait({call}, timeout=max(0.0, min(self.cfg.recovery_probe_s,
+                done, _ = await asyncio.wait({call}, timeout=max(0.0, min(self._patience(deployment),
                                                                           deadline - time.monotonic())))
                 if done:
                     result = call.result()
-                    self._answered[deployment] = time.monotonic()
+                    now = time.monotonic()
+                    self._answered[deployment] = now
+                    typical = self._typical.get(deployment)
+                    self._typical[deployment] = now - started if typical is None else \
+                        0.8 * typical + 0.2 * (now - started)
                     return result
                 if time.monotonic() >= deadline:
                     raise asyncio.TimeoutError
@@ -322,10 +331,18 @@ class Ingress:
                 call.cancel()
                 response.cancel()
 
+    def _patience(self, deployment: str) -> float:
+        """How long a call may wait before the deployment's liveness is asked: `recovery_probe_s`, or
+        twice its calls' typical time where that is longer (a saturated decoder whose batches take
+        10 s on a GPU answers nothing for 10 s, yet is alive)."""
+        return max(self.cfg.recovery_probe_s, 2 * self._typical.get(deployment, 0.0))
+
     async def _alive(self, deployment: str, handle: DeploymentHandle) -> bool:
         """Whether some replica of `deployment` answers: a call to it finished within the last two
-        probe periods (busy, not gone), or a probe (shared by concurrent callers) answers in time."""
-        if time.monotonic() - self._answered.get(deployment, float("-inf")) < 2 * self.cfg.recovery_probe_s:
+        patience periods (busy, not gone), or a probe (shared by concurrent callers) answers within
+        `recovery_probe_s`. The probe is queued like any call, so it is asked only when nothing
+        finished lately: a deployment that is merely full keeps finishing calls."""
+        if time.monotonic() - self._answered.get(deployment, float("-inf")) < 2 * self._patience(deployment):
             return True
         probe = self._probes.get(deployment)
         if probe is None or probe.done():
