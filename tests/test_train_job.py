@@ -138,3 +138,64 @@ def test_cached_and_streamed_data_train_identically(ray_session, data_dir, tmp_p
     assert a[-1]["epoch"] == 1  # the second epoch was reached
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7), ra["step"]
+
+
+def test_the_jobs_deepspeed_step_is_the_benchs_adamw_step(data_dir):
+    """bench/quality.py measures the recipe with plain torch AdamW and `group_lr`; the job trains
+    it with DeepSpeed ZeRO-2 (`deepspeed_config`) and LambdaLR over `lr_lambdas`. On the same batches
+    from the same weights, with the recipe's per-component lr multipliers and ramps, clipping and
+    warmup, both give the same losses, so a figure of the bench stands for the job's."""
+    import copy
+
+    import deepspeed
+    import pyarrow.parquet as pq
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from dreamcore.batch import decode_batch, to_torch, trim_padding
+    from dreamcore.model import DreamLLM
+    from dreamcore.tokenizer import DreamTokenizer
+    from pipelines.train.deepspeed_config import deepspeed_config
+    from pipelines.train.loop import _init_process_group, optimizer_groups
+    from pipelines.train.schedule import group_lr, lr_lambdas
+
+    cfg = _cfg("optim.lr_mults={llm: 0.25}", "optim.lr_mult_ramps={llm: [0.75, 0.3, 0.6]}", "optim.grad_clip=1.0",
+               "max_steps=8", workers=0)
+    optim, steps = cfg.optim, cfg.max_steps
+    rows = decode_batch(pq.read_table(sorted(data_dir.glob("*.parquet"))).to_pydict(), cfg.model)
+    batches = [to_torch(trim_padding({k: v[4 * s:4 * s + 4] for k, v in rows.items()})) for s in range(steps)]
+    torch.manual_seed(0)
+    reference = DreamLLM(cfg.model, DreamTokenizer.from_pretrained(data_dir / "tokenizer")).train()
+    job_model = copy.deepcopy(reference)
+
+    opt = torch.optim.AdamW(optimizer_groups(reference, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                            eps=optim.eps, weight_decay=optim.weight_decay)
+    bench = []
+    for s, batch in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = group_lr(group, s, optim, steps)
+        torch.manual_seed(100 + s)  # the same diffusion noise and timesteps in both
+        out = reference(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(reference.trainable_parameters(), optim.grad_clip)
+        opt.step()
+        bench.append(float(out["loss"]))
+
+    own_group = _init_process_group(gpu=False)
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=job_model, model_parameters=optimizer_groups(job_model, optim), config=deepspeed_config(cfg, 1),
+            lr_scheduler=lambda o: LambdaLR(o, lr_lambdas(o.param_groups, optim, steps)), dist_init_required=False)
+        job = []
+        for s, batch in enumerate(batches):
+            torch.manual_seed(100 + s)
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            job.append(float(out["loss"]))
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+    assert job == pytest.approx(bench, rel=1e-4), (job, bench)
+    assert bench[-1] < bench[0]  # the steps train
