@@ -14,11 +14,13 @@ processes started before the variables were set can still reach the store).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,23 @@ def environment() -> dict[str, str]:
     Secret: pass it inside a pickled function argument, never into a runtime_env, a file or a log.
     """
     return {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
+
+
+@contextlib.contextmanager
+def using(env: dict[str, str] | None) -> Iterator[None]:
+    """This process with `env` (another process's `environment()`) set, as it was afterwards: a Ray
+    worker runs other tasks too. For workers of a Ray started before the settings existed."""
+    env = env or {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _s3_settings() -> tuple[str | None, str | None, str | None, str | None, str | None]:

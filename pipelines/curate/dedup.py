@@ -48,6 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from dreamcore import storage
+
 from .filters import DedupRules, phash_bands
 
 ENTRIES_PER_PARTITION = 1_000_000  # rows per shuffle partition (one reduce task); see docs/operations.md
@@ -70,8 +72,10 @@ PLAN_SCHEMA = pa.schema([("doc_id", pa.string()), ("index", pa.int32()), ("reaso
                          ("error", pa.string())])
 
 
-def plan(keys: ray.data.Dataset, seen: ray.data.Dataset | None, rules: DedupRules, plan_dir: Path) -> int:
-    """Decide this group's dedup drops and write them by shard under `plan_dir` (shared storage).
+def plan(keys: ray.data.Dataset, seen: ray.data.Dataset | None, rules: DedupRules, plan_dir: str | Path,
+         env: dict[str, str] | None = None) -> int:
+    """Decide this group's dedup drops and write them by shard under `plan_dir` (shared storage: a
+    shared folder or an object-store prefix; `env`, the driver's settings for the latter).
 
     keys: KEYS_SCHEMA rows, one per image still kept. seen: (sha256, phash) rows of published
     images, or None. Returns the number of drops; the driver sees only counts.
@@ -105,10 +109,11 @@ def plan(keys: ray.data.Dataset, seen: ray.data.Dataset | None, rules: DedupRule
         drops.append(rows.groupby("part", num_partitions=band_parts).map_groups(
             _resolve_near, batch_format="pyarrow", fn_kwargs={"distance": d}))
     # 3. one file of drops per shard.
-    plan_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(plan_dir)
     written = drops[0].union(*drops[1:]) if len(drops) > 1 else drops[0]
     counts = written.groupby("shard", num_partitions=parts).map_groups(
-        _write_shard, batch_format="pyarrow", fn_kwargs={"plan_dir": str(plan_dir), "distance": rules.near_distance})
+        _write_shard, batch_format="pyarrow",
+        fn_kwargs={"plan_dir": str(plan_dir), "distance": rules.near_distance, "env": env})
     return sum(row["drops"] for row in counts.take_all())  # one row per shard of the group
 
 
@@ -232,13 +237,14 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 # 3. shard files
 
 
-def shard_file(plan_dir: str | Path, shard: str) -> Path:
-    return Path(plan_dir) / f"{hashlib.sha1(shard.encode()).hexdigest()[:24]}.parquet"
+def shard_file(plan_dir: str | Path, shard: str) -> str:
+    return storage.join(plan_dir, f"{hashlib.sha1(shard.encode()).hexdigest()[:24]}.parquet")
 
 
-def _write_shard(t: pa.Table, plan_dir: str, distance: int) -> pa.Table:
+def _write_shard(t: pa.Table, plan_dir: str, distance: int, env: dict[str, str] | None = None) -> pa.Table:
     """One shard's drops, one row per image: a near duplicate found in several bands keeps its
-    earliest neighbour. Written under a temp name, then renamed (a retried task rewrites it)."""
+    earliest neighbour. Written whole or not at all (a retried task rewrites it): locally under a
+    temp name, then renamed; in an object store by one upload."""
     shard = t["shard"][0].as_py()
     plan: dict[tuple[str, int], tuple[str, str]] = {}
     nearest: dict[tuple[str, int], tuple] = {}
@@ -256,18 +262,25 @@ def _write_shard(t: pa.Table, plan_dir: str, distance: int) -> pa.Table:
                     "reason": [v[0] for v in plan.values()], "error": [v[1] for v in plan.values()]},
                    schema=PLAN_SCHEMA)
     path = shard_file(plan_dir, shard)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    pq.write_table(out, tmp)
-    os.replace(tmp, path)
+    if storage.is_uri(path):
+        with storage.using(env):
+            fs, inner = storage.filesystem(path)
+            pq.write_table(out, inner, filesystem=fs)
+    else:
+        tmp = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex[:8]}")
+        pq.write_table(out, tmp)
+        os.replace(tmp, path)
     return pa.table({"shard": [shard], "drops": pa.array([len(plan)], pa.int64())})
 
 
 @lru_cache(maxsize=8)
 def read_drops(plan_dir: str, shard: str) -> dict[tuple[str, int], tuple[str, str]]:
     """{(doc_id, index): (reason, error)} of one shard; {} when nothing of it was dropped.
-    Cached per worker (batches of a shard share it): callers must not change it."""
+    Cached per worker (batches of a shard share it): callers must not change it. In an object
+    store, the caller has set the settings to reach it (storage.using)."""
     path = shard_file(plan_dir, shard)
-    if not path.exists():
+    if not storage.is_file(path):
         return {}
-    t = pq.read_table(path)
+    fs, inner = storage.filesystem(path) if storage.is_uri(path) else (None, path)
+    t = pq.read_table(inner, filesystem=fs)
     return {(d, i): (r, e) for d, i, r, e in zip(*(t[c].to_pylist() for c in PLAN_SCHEMA.names))}

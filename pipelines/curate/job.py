@@ -107,11 +107,13 @@ def hash_keys_udf(batch: pa.Table) -> pa.Table:
     return pa.table(out, schema=dedup.KEYS_SCHEMA)
 
 
-def dedup_udf(batch: pa.Table, plan_dir: str) -> pa.Table:
-    """Applies the drops dedup.plan wrote for the shards of this batch (one file per shard)."""
+def dedup_udf(batch: pa.Table, plan_dir: str, env: dict[str, str] | None = None) -> pa.Table:
+    """Applies the drops dedup.plan wrote for the shards of this batch (one file per shard); `env`:
+    the driver's object-store settings when the plan is in one."""
     docs = _rows(batch)
-    for shard in {d["shard"] for d in docs}:
-        apply_plan([d for d in docs if d["shard"] == shard], dedup.read_drops(plan_dir, shard), "dedup")
+    with storage.using(env):
+        for shard in {d["shard"] for d in docs}:
+            apply_plan([d for d in docs if d["shard"] == shard], dedup.read_drops(plan_dir, shard), "dedup")
     return rows_to_table(docs)
 
 
@@ -131,27 +133,11 @@ def similarity_udf(batch: pa.Table, sim_cfg: Any, filter_cfg: Any) -> pa.Table:
     return SimilarityUDF(sim_cfg, filter_cfg)(batch)
 
 
-@contextlib.contextmanager
-def _environment(env: dict[str, str]):
-    """The driver's object-store settings in this worker for the block (restored afterwards, as
-    the worker process runs other tasks too)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _tokenizer(tok_path: str, mcfg: Any, env: dict[str, str] | None) -> DreamTokenizer:
     """The job's tokenizer in a worker; one in an object store is downloaded once per node
     (storage.cached_copy), with `env` (the driver's settings) to reach the store."""
     if storage.is_uri(tok_path):
-        with _environment(env or {}):
+        with storage.using(env):
             tok_path = str(storage.cached_copy(tok_path))
     return tokenizer_for(tok_path, mcfg)
 
@@ -389,7 +375,6 @@ def curate(inputs: list[str], output: str | Path, config: CurateConfig | None = 
         mf.save(out, manifest)
         return manifest
     ray_init(address)
-    _check_plan_scratch(out)
     with _data_context(cfg):
         for start in range(0, len(pending), cfg.shards_per_commit):
             _run_group(pending[start:start + cfg.shards_per_commit], out, cfg, manifest)
@@ -416,28 +401,6 @@ def _write_table(table: pa.Table, path: str | Path) -> None:
     pq.write_table(table, inner, filesystem=fs)
 
 
-def _plan_dir(out: str | Path, tmp: str) -> Path:
-    """Where dedup writes this group's drops, read back where they are applied (dedup.py writes
-    and reads local paths): the group's temp folder; for an object-store output, a scratch folder
-    under the cache root ($DREAMCORE_CACHE_DIR), removed when the group ends."""
-    if not storage.is_uri(out):
-        return Path(tmp) / "dedup"
-    return storage.cache_root() / "curate-plans" / tmp.rsplit("/", 1)[-1].lstrip(".")
-
-
-def _check_plan_scratch(out: str | Path) -> None:
-    """An object-store output on a multi-node cluster needs a dedup scratch folder every node sees."""
-    if not storage.is_uri(out):
-        return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and not os.environ.get(storage.CACHE_ENV):
-        raise CurateError(
-            f"--output {out}: on a cluster of {len(nodes)} nodes with object-store output, dedup's per-group "
-            f"plan is written to {storage.CACHE_ENV}, which must be a folder every node shares: set it to a path "
-            "on the shared volume, or curate to a shared folder"
-        )
-
-
 def _new_group(out: str | Path, manifest: dict) -> tuple[str, str]:
     """The next group's id and its temp folder (removed by _publish, or by the next run's cleanup)."""
     gid = f"g{len(manifest['groups']):04d}"
@@ -450,28 +413,23 @@ def _new_group(out: str | Path, manifest: dict) -> tuple[str, str]:
 def _run_group(group: list[str], out: str | Path, cfg: CurateConfig, manifest: dict) -> None:
     """One shard group, start to publish; `manifest` is updated and saved only at the end."""
     gid, tmp = _new_group(out, manifest)
-    plan_dir = _plan_dir(out, tmp)
-    try:
-        durations: dict[str, float] = {}
-        t = time.perf_counter()
-        docs = _read_crawl_filter(group, cfg)
-        t = _timed(durations, "read+crawl+filter", t)
-        if docs.count() == 0:  # shards too large for the driver's check, yet empty: nothing to dedup
-            _publish_nothing(group, gid, tmp, out, manifest, durations)
-            return
-        docs = _dedup_similarity_documents(docs, out, cfg, plan_dir)
-        t = _timed(durations, "dedup+similarity+documents", t)
-        encoded = _tokenize_and_write(docs, out, cfg, manifest, storage.join(tmp, "samples"))
-        t = _timed(durations, "tokenize", t)
-        acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
-        acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
-        _write_table(acct.filter(pa.compute.not_equal(acct["stage"], "")), storage.join(tmp, "rejected.parquet"))
-        _write_hashes(encoded, storage.join(tmp, "hashes"))
-        _timed(durations, "write", t)
-        _publish(group, gid, tmp, out, acct, manifest, durations)
-    finally:
-        if storage.is_uri(out):
-            shutil.rmtree(plan_dir, ignore_errors=True)
+    durations: dict[str, float] = {}
+    t = time.perf_counter()
+    docs = _read_crawl_filter(group, cfg)
+    t = _timed(durations, "read+crawl+filter", t)
+    if docs.count() == 0:  # shards too large for the driver's check, yet empty: nothing to dedup
+        _publish_nothing(group, gid, tmp, out, manifest, durations)
+        return
+    docs = _dedup_similarity_documents(docs, out, cfg, storage.join(tmp, "dedup"))
+    t = _timed(durations, "dedup+similarity+documents", t)
+    encoded = _tokenize_and_write(docs, out, cfg, manifest, storage.join(tmp, "samples"))
+    t = _timed(durations, "tokenize", t)
+    acct_refs = encoded.map_batches(accounting_udf, batch_format="pyarrow").to_arrow_refs()
+    acct = pa.concat_tables(ray.get(acct_refs)) if acct_refs else REJECTED_SCHEMA.empty_table()
+    _write_table(acct.filter(pa.compute.not_equal(acct["stage"], "")), storage.join(tmp, "rejected.parquet"))
+    _write_hashes(encoded, storage.join(tmp, "hashes"))
+    _timed(durations, "write", t)
+    _publish(group, gid, tmp, out, acct, manifest, durations)
 
 
 def _read_crawl_filter(group: list[str], cfg: CurateConfig) -> ray.data.Dataset:
@@ -490,14 +448,16 @@ def _read_crawl_filter(group: list[str], cfg: CurateConfig) -> ray.data.Dataset:
 
 
 def _dedup_similarity_documents(docs: ray.data.Dataset, out: str | Path, cfg: CurateConfig,
-                                plan_dir: Path) -> ray.data.Dataset:
+                                plan_dir: str) -> ray.data.Dataset:
     """Steps 4-6. Dedup is planned from hashes only, partitioned across the cluster (dedup.py):
-    its drops are written by shard under `plan_dir` and applied where the documents are."""
+    its drops are written by shard under `plan_dir` (in the group's temp folder or prefix, which
+    every node reaches) and applied where the documents are."""
     rules = DedupRules(cfg.filter.dedup_exact, cfg.filter.near_duplicate_distance,
                        cfg.filter.max_documents_per_image)
     keys = docs.map_batches(hash_keys_udf, batch_format="pyarrow")
-    if dedup.plan(keys, _seen_hashes(out), rules, plan_dir):
-        docs = docs.map_batches(dedup_udf, batch_format="pyarrow", fn_kwargs={"plan_dir": str(plan_dir)})
+    env = storage.environment() if storage.is_uri(plan_dir) else None
+    if dedup.plan(keys, _seen_hashes(out), rules, plan_dir, env):
+        docs = docs.map_batches(dedup_udf, batch_format="pyarrow", fn_kwargs={"plan_dir": plan_dir, "env": env})
 
     sim = cfg.similarity
     if sim.model and sim.placement != "source":  # CLIP on actors: one model load per actor, a GPU each when the cluster has any
