@@ -65,7 +65,9 @@ def start_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=_cores(), include_dashboard=True, dashboard_host="127.0.0.1")
+        # address="local": a new Ray even where /tmp/ray/ray_current_cluster names another (a
+        # `ray start` cluster, or a stale file), which ray.init() would join and then refuse num_cpus.
+        ray.init(address="local", num_cpus=_cores(), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def _free_port() -> int:

@@ -41,6 +41,7 @@ def ray_session(tmp_path_factory):
         return
     tmp = tmp_path_factory.mktemp("ray")
     ray.init(
+        address="local",  # never join another Ray on the machine (e.g. one /tmp/ray/ray_current_cluster names)
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=True,

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,24 @@ import pytest
 SCRIPT = Path(__file__).with_name("_multinode.py")
 
 
+# ray.cluster_utils.Cluster records its head in Ray's "current cluster" file, which a later ray.init()
+# without an address would try to join; a clean shutdown removes it, a killed child would not.
+CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+
 def run_scenario(name: str, tmp_path: Path, timeout_s: int = 600) -> dict:
     out = tmp_path / f"{name}.json"
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), name, str(out)], env=env, timeout=timeout_s,
-                          capture_output=True, text=True)
+    before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
+    try:
+        proc = subprocess.run([sys.executable, str(SCRIPT), name, str(out)], env=env, timeout=timeout_s,
+                              capture_output=True, text=True)
+    finally:  # leave the machine's "current cluster" as it was
+        now = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
+        if now != before and before is None:
+            CURRENT_CLUSTER.unlink(missing_ok=True)
+        elif now != before:
+            CURRENT_CLUSTER.write_text(before)
     if proc.returncode != 0:
         tail = "\n".join(line for line in proc.stderr.splitlines() if "HTTP/1.1" not in line)[-6000:]
         pytest.fail(f"scenario {name} exited {proc.returncode}:\n{tail}")
