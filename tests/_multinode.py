@@ -188,7 +188,14 @@ def train_scenario(work: Path) -> dict[str, Any]:
     out = {"faulted": metrics(faulted), "fault": fault, "max_steps": MAX_STEPS, "checkpoint_every": CHECKPOINT_EVERY,
            "final_step": result.steps, "faulted_s": round(faulted_s, 1),
            "faulted_checkpoints": sorted(d for d in storage.list_dirs(faulted) if d.startswith("checkpoint_")),
-           "faulted_model": sorted(storage.list_files(f"{faulted}/model"))}
+           "faulted_model": sorted(storage.list_files(f"{faulted}/model")),
+           "run_files": sorted(storage.list_files(faulted, recursive=False)),
+           "config_has_secret": "testing-secret" in storage.read_text(f"{faulted}/train_config.yaml"),
+           "metrics_csv_rows": storage.read_text(f"{faulted}/metrics.csv").count("\n") - 1}
+    from dreamcore.checkpoint import from_pretrained
+
+    model, tokenizer = from_pretrained(storage.cached_copy(f"{faulted}/model"))  # the export loads
+    out["export_loads"] = model.cfg.max_seq_len == 64 and tokenizer.vocab_size == model.llm.config.vocab_size
     ray.shutdown()
     cluster.shutdown()
     server.stop()

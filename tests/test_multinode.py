@@ -73,7 +73,13 @@ def test_training_node_killed_resumes_from_the_bucket_with_the_same_losses(tmp_p
     for m in [*replayed, *(m for m in rows if m["step"] <= start)]:
         for key in ("loss", "lm_loss", "vm_loss"):
             assert m[key] == pytest.approx(before[m["step"]][key], rel=1e-5, abs=1e-7), (m["step"], key)
+    # The run folder in the bucket: configs (no credentials in them), metrics, and the export,
+    # in the ecosystem's layout, loading with from_pretrained after download.
     assert {"config.json", "projectors.safetensors"} <= set(r["faulted_model"])
+    assert {n.split("/")[0] for n in r["faulted_model"]} >= {"llm", "vision", "unet", "scheduler", "tokenizer"}
+    assert {"train_config.yaml", "deepspeed_config.json", "metrics.jsonl", "metrics.csv"} <= set(r["run_files"])
+    assert not r["config_has_secret"] and r["export_loads"]
+    assert r["metrics_csv_rows"] == len(r["faulted"])
 
 
 @pytest.mark.e2e

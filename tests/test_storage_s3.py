@@ -8,7 +8,6 @@ settings reach Ray's processes without the environment (dreamcore/storage.py doc
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 import uuid
@@ -18,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _model_helpers import debug_model  # noqa: E402
-from _train_helpers import TRAIN_MODEL_OVERRIDES, make_data_folder, small_model_config  # noqa: E402
+from _train_helpers import TRAIN_MODEL_OVERRIDES  # noqa: E402
 
 from dreamcore import storage  # noqa: E402
 
@@ -114,47 +113,8 @@ def test_train_refuses_an_unreachable_output_before_ray_starts(bucket, monkeypat
         train(cfg, f"s3://{bucket}/data", f"s3://{bucket}/run")
 
 
-# ----------------------------------------------------------------------------------------------
-# (b) training: data, checkpoints, metrics and the export in the bucket; resume from the bucket
-
-
-def _train_cli(data: str, output: str, max_steps: int) -> int:
-    from dreamcore.cli import main
-
-    sets = ["micro_batch_size=4", "log_every=1", "optim.warmup_steps=1", "data.shuffle_buffer=16",
-            "scaling.max_failures=0", "scaling.torch_threads=1", f"max_steps={max_steps}",
-            "checkpoint.every_steps=3", *[f"model.{s}" for s in TRAIN_MODEL_OVERRIDES]]
-    argv = ["train", "--data", data, "--output", output, "--model", "tiny", "--workers", "1"]
-    return main([*argv, *[a for s in sets for a in ("--set", s)]])
-
-
-@pytest.mark.e2e
-def test_train_on_s3_resumes_from_the_bucket_and_exports_there(ray_session, bucket, tmp_path):
-    from dreamcore.checkpoint import from_pretrained
-
-    local_data = make_data_folder(tmp_path / "data", small_model_config(), num_docs=24, rows_per_shard=12)
-    data, run = f"s3://{bucket}/corpus/shapes", f"s3://{bucket}/runs/tiny"
-    storage.upload_dir(local_data, data)
-
-    assert _train_cli(data, run, max_steps=3) == 0
-    first = storage.list_dirs(run)
-    assert [d for d in first if d.startswith("checkpoint_")], first  # Ray Train's checkpoint is in the bucket
-    assert storage.is_file(f"{run}/train_config.yaml") and storage.is_file(f"{run}/deepspeed_config.json")
-
-    # The same command with more steps resumes at step 3 from the bucket's checkpoint: the metrics
-    # file (appended, also fetched from and published to the bucket) has every step exactly once.
-    assert _train_cli(data, run, max_steps=5) == 0
-    steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
-    assert storage.read_text(f"{run}/metrics.csv").count("\n") == 1 + 5  # header + one row a step
-
-    # The export (format 2 folder) is in the bucket and loads after download.
-    names = storage.list_files(f"{run}/model")
-    assert {"config.json", "projectors.safetensors"} <= set(names)
-    assert {n.split("/")[0] for n in names} >= {"llm", "vision", "unet", "scheduler", "tokenizer"}
-    model, tokenizer = from_pretrained(storage.cached_copy(f"{run}/model"))
-    assert model.cfg.max_seq_len == 64 and tokenizer.vocab_size == model.llm.config.vocab_size
-    assert "testing-secret" not in storage.read_text(f"{run}/train_config.yaml")
+# (b) training with data, checkpoints, metrics and the export in the bucket, resumed from the
+# bucket after a node dies: tests/test_multinode.py (its train scenario runs on moto too).
 
 
 # ----------------------------------------------------------------------------------------------
