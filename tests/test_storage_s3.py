@@ -1,4 +1,5 @@
-"""Training and serving on S3-compatible object storage, against moto's real S3 server on loopback.
+"""Curation, training checks and serving on S3-compatible object storage, against moto's real S3
+server on loopback (a training run in the bucket, through a node's death: tests/test_multinode.py).
 
 One moto server per module (port chosen by the OS); every test gets its own bucket and the AWS
 environment a user would set (endpoint override, region, credentials) through monkeypatch. The
