@@ -292,6 +292,13 @@ def cached_copy(uri: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def arrow_path(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for pyarrow and Ray Data reads and writes: no filesystem for a local path
+    (their default); for a URI this module's filesystem and the path inside it, so the caller's
+    endpoint and credentials travel (pickled) to Ray's workers."""
+    return filesystem(path) if is_uri(path) else (None, str(path))
+
+
 def local_path(path: str | Path) -> str:
     """`path` itself when local; for a URI the folder's copy in this machine's cache (`cached_copy`:
     downloaded once per machine, shared by its processes)."""

@@ -281,6 +281,6 @@ def read_drops(plan_dir: str, shard: str) -> dict[tuple[str, int], tuple[str, st
     path = shard_file(plan_dir, shard)
     if not storage.is_file(path):
         return {}
-    fs, inner = storage.filesystem(path) if storage.is_uri(path) else (None, path)
+    fs, inner = storage.arrow_path(path)
     t = pq.read_table(inner, filesystem=fs)
     return {(d, i): (r, e) for d, i, r, e in zip(*(t[c].to_pylist() for c in PLAN_SCHEMA.names))}

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -387,17 +386,8 @@ def _timed(durations: dict, key: str, t0: float) -> float:
     return now
 
 
-def _fs_path(path: str | Path) -> tuple[pafs.FileSystem | None, str]:
-    """(filesystem, path) for pyarrow and Ray Data reads and writes: no filesystem for local paths
-    (their default, as before); for a URI the storage filesystem and the path inside it, so the
-    driver's endpoint and credentials travel (pickled) to the workers."""
-    if storage.is_uri(path):
-        return storage.filesystem(path)
-    return None, str(path)
-
-
 def _write_table(table: pa.Table, path: str | Path) -> None:
-    fs, inner = _fs_path(path)
+    fs, inner = storage.arrow_path(path)
     pq.write_table(table, inner, filesystem=fs)
 
 
@@ -497,7 +487,7 @@ def _tokenize_and_write(docs: ray.data.Dataset, out: str | Path, cfg: CurateConf
         tok_kw["env"] = storage.environment()
     encoded = docs.map_batches(encode_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
                                fn_kwargs=tok_kw).materialize()
-    fs, path = _fs_path(samples_dir)
+    fs, path = storage.arrow_path(samples_dir)
     (
         encoded.filter(lambda r: not r["drop_stage"])
         .map_batches(pack_udf, batch_size=cfg.tokenize.batch_size, batch_format="pyarrow",
@@ -565,7 +555,7 @@ def _count_written(files: list[str]) -> tuple[int, int, int]:
     samples = images = 0
     rows_of: dict[str, int] = {}
     for f in files:
-        fs, path = _fs_path(f)
+        fs, path = storage.arrow_path(f)
         t = pq.read_table(path, columns=["doc_ids", "image_slots"], filesystem=fs)
         samples += t.num_rows
         for ids in t.column("doc_ids").to_pylist():
@@ -587,7 +577,7 @@ def _write_hashes(encoded: Any, folder: str) -> None:
                 out["phash"].append(img["phash"])
         return pa.table(out, schema=HASHES_SCHEMA)
 
-    fs, path = _fs_path(folder)
+    fs, path = storage.arrow_path(folder)
     encoded.map_batches(keep, batch_format="pyarrow").write_parquet(
         path, filesystem=fs, schema=HASHES_SCHEMA, min_rows_per_file=HASHES_ROWS_PER_FILE)
 
@@ -598,8 +588,8 @@ def _seen_hashes(out: str | Path) -> ray.data.Dataset | None:
     files = [f for f in _parquet_in(state) if f.rsplit("/", 1)[-1].startswith("hashes-")]
     if not files:
         return None
-    fs = _fs_path(state)[0]
-    return ray.data.read_parquet([_fs_path(f)[1] for f in files], filesystem=fs, schema=HASHES_SCHEMA)
+    fs = storage.arrow_path(state)[0]
+    return ray.data.read_parquet([storage.arrow_path(f)[1] for f in files], filesystem=fs, schema=HASHES_SCHEMA)
 
 
 __all__ = ["curate", "check_output", "CurateError", "CURATE_DOC_SCHEMA"]

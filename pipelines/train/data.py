@@ -164,12 +164,8 @@ def build_dataset(files: Sequence[str | Path], model: ModelConfig, decode_batch_
     """
     import ray.data
 
-    if files and storage.is_uri(files[0]):
-        fs, _ = storage.filesystem(files[0])
-        paths = [storage.filesystem(f)[1] for f in files]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=SAMPLE_SCHEMA.names)
-    else:
-        ds = ray.data.read_parquet([str(f) for f in files], columns=SAMPLE_SCHEMA.names)
+    fs = storage.arrow_path(files[0])[0] if files else None
+    ds = ray.data.read_parquet([storage.arrow_path(f)[1] for f in files], filesystem=fs, columns=SAMPLE_SCHEMA.names)
     # The data position of a checkpoint must mean the same rows on resume (also in local mode,
     # where the dataset is iterated directly instead of through Ray Train's DataConfig).
     ds.context.execution_options.preserve_order = True

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import yaml
 
 from dreamcore import storage
@@ -279,8 +280,6 @@ def local_run_dir(run: str) -> Path:
     return Path(tempfile.gettempdir()) / "dreamcore-runs" / hashlib.sha256(run.encode()).hexdigest()[:16]
 
 
-
-
 @dataclass(frozen=True)
 class ObjectStorePaths:
     """The URIs the per-worker loop cannot read or write as local paths, and the settings to reach them.
@@ -371,7 +370,7 @@ def _checkpoint_text(checkpoint: Any, name: str) -> str:
         return ""
     path = f"{checkpoint.path.rstrip('/')}/{name}"
     fs = checkpoint.filesystem
-    if fs.get_file_info(path).type.name != "File":
+    if fs.get_file_info(path).type != pafs.FileType.File:
         return ""
     with fs.open_input_stream(path) as f:
         return f.read().decode()
