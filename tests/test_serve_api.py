@@ -202,6 +202,9 @@ def test_serve_config_overrides_and_unknown_keys(tmp_path):
         load_serve_config(None, ["device=tpu"])
     with pytest.raises(ConfigError, match="dtype='int8'"):
         load_serve_config(None, ["dtype=int8"])
+    for bad in ("{CPU: 1}", "{decoder_node: 0}"):
+        with pytest.raises(ConfigError, match="decoder.resources=.*decoder.num_cpus"):
+            load_serve_config(None, [f"decoder.resources={bad}"])
 
 
 def test_deployment_options_are_serve_options():
@@ -212,6 +215,11 @@ def test_deployment_options_are_serve_options():
         opts = deployment_options(name, getattr(cfg, name), cfg.retry_after_s)
         DeploymentSchema.model_validate(opts)  # Serve accepts every key we produce
         assert opts["autoscaling_config"]["max_replicas"] == getattr(cfg, name).autoscaling.max_replicas
+        assert "resources" not in opts["ray_actor_options"]  # none configured: Serve's own default
+    pinned = load_serve_config(None, ["decoder.resources={decoder_node: 1}"])
+    opts = deployment_options("decoder", pinned.decoder, pinned.retry_after_s)
+    DeploymentSchema.model_validate(opts)
+    assert opts["ray_actor_options"]["resources"] == {"decoder_node": 1}
     # The decoder scales out further and sooner than the LLM (an image costs many UNet calls).
     assert cfg.decoder.autoscaling.max_replicas > cfg.llm.autoscaling.max_replicas
     assert cfg.decoder.autoscaling.target_ongoing_requests < cfg.llm.autoscaling.target_ongoing_requests

@@ -51,6 +51,11 @@ def test_bad_config_names_the_key():
         load_train_config("tiny", None, ["deepspeed.zero_stage=4"])
     with pytest.raises(ConfigError, match="bf16 needs GPUs"):
         load_train_config("tiny", None, ["deepspeed.precision=bf16"])
+    for bad in ("{GPU: 1}", "{trainer: -1}"):
+        with pytest.raises(ConfigError, match="scaling.resources_per_worker takes custom resources"):
+            load_train_config("tiny", None, [f"scaling.resources_per_worker={bad}"])
+    assert load_train_config("tiny", None, ["scaling.resources_per_worker={trainer: 1}"]).scaling.resources_per_worker \
+        == {"trainer": 1}
 
 
 def test_deepspeed_json_follows_the_dataclass():

@@ -159,6 +159,10 @@ class ServeConfig:
             raise ConfigError(f"llm.max_cache_tokens={self.llm.max_cache_tokens} must be >= 0 (0: automatic) and "
                               f"llm.session_ttl_s={self.llm.session_ttl_s} > 0")
         for name in ("llm", "decoder", "ingress"):
+            res = getattr(self, name).resources
+            if {"CPU", "GPU"} & set(res) or not all(isinstance(v, (int, float)) and v > 0 for v in res.values()):
+                raise ConfigError(f"{name}.resources={res}: custom resources > 0 only (e.g. {{decoder_node: 1}}); "
+                                  f"CPUs and GPUs are {name}.num_cpus and {name}.num_gpus")
             a = getattr(self, name).autoscaling
             if not 0 <= a.min_replicas <= a.max_replicas or a.max_replicas < 1:
                 raise ConfigError(
