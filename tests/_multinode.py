@@ -4,11 +4,15 @@ Each scenario starts its own Ray cluster of several nodes on loopback (`ray.clus
 a head and worker nodes, each a raylet with its own resources and ports), runs a dreamcore job on
 it, kills one node by the PID of its raylet (SIGKILL: a machine that vanished, no goodbye) and
 writes what happened as JSON. A child process, because a driver can join only one Ray at a time
-and the test session already runs its own.
+and the test session already runs its own. One child runs every scenario named, one after another
+(each on its own cluster, the S3 server shared): the imports and the S3 server are paid once.
 
-    python tests/_multinode.py train OUT.json    # 2 workers on 2 nodes, checkpoints in S3 (moto)
-    python tests/_multinode.py curate OUT.json   # crawl tasks on 3 nodes, a worker node dies
-    python tests/_multinode.py serve OUT.json    # LLM and decoder on different nodes; the decoder's dies
+    python tests/_multinode.py OUT.json train    # 2 workers on 2 nodes, checkpoints in S3 (moto)
+    python tests/_multinode.py OUT.json curate   # crawl tasks on 3 nodes, a worker node dies
+    python tests/_multinode.py OUT.json serve    # LLM and decoder on different nodes; the decoder's dies
+    python tests/_multinode.py OUT.json train curate serve
+
+OUT.json maps each scenario to its result, or to {"error": traceback} when it raised.
 """
 
 from __future__ import annotations
@@ -41,8 +45,14 @@ def log(line: str) -> None:
     sys.stderr.flush()
 
 
+_MOTO: dict[str, Any] = {}
+
+
 def start_moto() -> tuple[Any, str]:
-    """moto's S3 server on a free loopback port, and the AWS environment pointing at it."""
+    """moto's S3 server on a free loopback port (one per process, shared by the scenarios), and
+    the AWS environment pointing at it."""
+    if _MOTO:
+        return _MOTO["server"], _MOTO["endpoint"]
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -54,6 +64,7 @@ def start_moto() -> tuple[Any, str]:
     endpoint = f"http://{host}:{port}"
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    _MOTO.update(server=server, endpoint=endpoint)
     return server, endpoint
 
 
@@ -136,11 +147,8 @@ def train_scenario(work: Path) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from dreamcore import storage
-    from dreamcore.config import load_config
-    from pipelines.train.config import TrainConfig
-    from pipelines.train.job import train
 
-    server, endpoint = start_moto()
+    _, endpoint = start_moto()
     bucket = make_bucket(endpoint)
     data = f"s3://{bucket}/corpus/shapes"
     storage.upload_dir(make_data_folder(work / "data", small_model_config(), num_docs=48, rows_per_shard=12), data)
@@ -148,6 +156,21 @@ def train_scenario(work: Path) -> dict[str, Any]:
     # The head runs the driver's side (Train controller, Ray Data); only nodes that advertise the
     # custom resource "trainer" take training workers, one each.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        return _train_on(cluster, data, bucket)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _train_on(cluster: Any, data: str, bucket: str) -> dict[str, Any]:
+    import ray
+
+    from dreamcore import storage
+    from dreamcore.config import load_config
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.job import train
+
     nodes = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
     ray.init(address=cluster.address, runtime_env={"env_vars": {k: os.environ[k] for k in ENV_KEYS if k in os.environ}})
     sets = ["micro_batch_size=4", "log_every=1", "optim.warmup_steps=1", "data.shuffle_buffer=16",
@@ -196,9 +219,6 @@ def train_scenario(work: Path) -> dict[str, Any]:
 
     model, tokenizer = from_pretrained(storage.cached_copy(f"{faulted}/model"))  # the export loads
     out["export_loads"] = model.cfg.max_seq_len == 64 and tokenizer.vocab_size == model.llm.config.vocab_size
-    ray.shutdown()
-    cluster.shutdown()
-    server.stop()
     return out
 
 
@@ -315,7 +335,7 @@ def serve_scenario(work: Path) -> dict[str, Any]:
 
     # The checkpoint is in S3 (moto): every replica downloads it on its own node. The nodes' processes
     # inherit this process's environment (endpoint, credentials, cache folder), as on a real cluster.
-    server, endpoint = start_moto()
+    _, endpoint = start_moto()
     os.environ[storage.CACHE_ENV] = str(work / "cache")
     checkpoint = f"s3://{make_bucket(endpoint)}/runs/r1/model"
     storage.upload_dir(make_checkpoint(work / "ckpt"), checkpoint)
@@ -378,18 +398,36 @@ def serve_scenario(work: Path) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-        server.stop()
 
 
 SCENARIOS = {"train": train_scenario, "curate": curate_scenario, "serve": serve_scenario}
 
 
 def main(argv: list[str]) -> int:
-    name, out = argv
-    work = Path(out).parent / f"work-{name}"
-    work.mkdir(parents=True, exist_ok=True)
-    result = SCENARIOS[name](work)
-    Path(out).write_text(json.dumps(result, indent=1))
+    """Runs each named scenario; one that raises is recorded (traceback) and the next still runs."""
+    import traceback
+
+    out, names = Path(argv[0]), argv[1:]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if not names or unknown:
+        sys.stderr.write(f"usage: _multinode.py OUT.json {{{'|'.join(SCENARIOS)}}}...; unknown: {unknown}\n")
+        return 2
+    results: dict[str, Any] = {}
+    try:
+        for name in names:
+            work = out.parent / f"work-{name}"
+            work.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            try:
+                results[name] = SCENARIOS[name](work)
+            except Exception:
+                results[name] = {"error": traceback.format_exc()[-6000:]}
+            results[name]["scenario_s"] = round(time.time() - t0, 1)
+            log(f"scenario {name}: {results[name]['scenario_s']} s{' (failed)' if 'error' in results[name] else ''}")
+            out.write_text(json.dumps(results, indent=1))
+    finally:
+        if _MOTO:
+            _MOTO["server"].stop()
     return 0
 
 

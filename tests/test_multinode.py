@@ -1,8 +1,9 @@
 """Several Ray nodes on one machine (ray.cluster_utils.Cluster on loopback), one killed by PID mid-run.
 
-Each scenario runs in a child process (tests/_multinode.py), which starts and shuts down its own
-cluster: a driver joins one Ray at a time, and this session already has one. The child writes
-what happened as JSON; the assertions are here.
+The scenarios run in one child process (tests/_multinode.py), one after another, each starting and
+shutting down its own cluster: a driver joins one Ray at a time, and this session already has one.
+The child writes what happened as JSON; the assertions are here. Only the scenarios of the tests
+selected run (`pytest -k curate` starts one cluster).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ SCRIPT = Path(__file__).with_name("_multinode.py")
 CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 
 
-def run_scenario(name: str, tmp_path: Path, timeout_s: int = 600) -> dict:
-    out = tmp_path / f"{name}.json"
+def run_scenarios(names: list[str], tmp_path: Path, timeout_s: int = 1200) -> dict:
+    out = tmp_path / "scenarios.json"
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
     try:
-        proc = subprocess.run([sys.executable, str(SCRIPT), name, str(out)], env=env, timeout=timeout_s,
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(out), *names], env=env, timeout=timeout_s,
                               capture_output=True, text=True)
     finally:  # leave the machine's "current cluster" as it was
         now = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
@@ -37,18 +38,40 @@ def run_scenario(name: str, tmp_path: Path, timeout_s: int = 600) -> dict:
             CURRENT_CLUSTER.unlink(missing_ok=True)
         elif now != before:
             CURRENT_CLUSTER.write_text(before)
-    if proc.returncode != 0:
-        tail = "\n".join(line for line in proc.stderr.splitlines() if "HTTP/1.1" not in line)[-6000:]
-        pytest.fail(f"scenario {name} exited {proc.returncode}:\n{tail}")
-    return json.loads(out.read_text())
+    stderr = "\n".join(line for line in proc.stderr.splitlines() if "HTTP/1.1" not in line)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    return {name: results.get(name, {"error": f"no result (exit {proc.returncode}):\n{stderr[-6000:]}"})
+            for name in names}
+
+
+SCENARIO_OF = {  # test -> the scenario whose record it checks
+    "test_training_node_killed_resumes_from_the_bucket_with_the_same_losses": "train",
+    "test_curation_node_killed_mid_crawl_loses_and_duplicates_nothing": "curate",
+    "test_decoder_node_killed_answers_503_until_a_replica_is_back": "serve",
+}
+
+
+@pytest.fixture(scope="module")
+def scenarios(request, tmp_path_factory) -> dict:
+    """The records of the scenarios this session's selected tests check, from one child process."""
+    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    names = [s for t, s in SCENARIO_OF.items() if t in selected]
+    return run_scenarios(names, tmp_path_factory.mktemp("multinode"))
+
+
+def record(scenarios: dict, name: str) -> dict:
+    r = scenarios[name]
+    if "error" in r:
+        pytest.fail(f"scenario {name} failed:\n{r['error']}")
+    return r
 
 
 @pytest.mark.e2e
-def test_training_node_killed_resumes_from_the_bucket_with_the_same_losses(tmp_path):
+def test_training_node_killed_resumes_from_the_bucket_with_the_same_losses(scenarios):
     """2 workers on 2 nodes, checkpoints in S3 (moto): the node of one worker dies two steps after
     the first checkpoint; a new node joins; FailureConfig restarts the group from the checkpoint in
     the bucket, and the run ends at its last step with the metrics history whole."""
-    r = run_scenario("train", tmp_path)
+    r = record(scenarios, "train")
     fault, every = r["fault"], r["checkpoint_every"]
     assert every < fault["step_at_kill"] < r["max_steps"], fault  # killed mid-run, after a checkpoint
     assert r["final_step"] == r["max_steps"]
@@ -83,11 +106,11 @@ def test_training_node_killed_resumes_from_the_bucket_with_the_same_losses(tmp_p
 
 
 @pytest.mark.e2e
-def test_curation_node_killed_mid_crawl_loses_and_duplicates_nothing(tmp_path):
+def test_curation_node_killed_mid_crawl_loses_and_duplicates_nothing(scenarios):
     """Crawl tasks on three nodes; a worker node dies mid-crawl. Ray retries the lost tasks (or the
     job fails and the same command resumes). Every document of the corpus is one a straight run
     keeps, so the output must hold each in exactly one row with all its images."""
-    r = run_scenario("curate", tmp_path)
+    r = record(scenarios, "curate")
     fault, out = r["fault"], r["faulted"]
     assert not fault["finished_before_kill"], fault
     assert out["invariant_problems"] == [] and out["leftovers"] == []
@@ -100,11 +123,11 @@ def test_curation_node_killed_mid_crawl_loses_and_duplicates_nothing(tmp_path):
 
 
 @pytest.mark.e2e
-def test_decoder_node_killed_answers_503_until_a_replica_is_back(tmp_path):
+def test_decoder_node_killed_answers_503_until_a_replica_is_back(scenarios):
     """The LLM and the decoder on different nodes; the decoder's node dies. Every request during
     the outage is answered promptly with 503 + Retry-After in the API's error shape (never a hang,
     never a 500); once a new node joins, Serve starts a decoder replica there and images come back."""
-    r = run_scenario("serve", tmp_path)
+    r = record(scenarios, "serve")
     assert r["before"]["status"] == 200, r["before"]
     assert r["checkpoint"].startswith("s3://") and len(r["cached_copies"]) == 1  # replicas fetched it themselves
     outage = [x for x in r["records"] if x["phase"] == "outage"]
