@@ -36,6 +36,9 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
         chunk(b"IEND", b"")
 
 
+GOOD_JPEG = image_bytes("JPEG", (64, 64), 99)  # the fixed body of the non-/img/ routes
+
+
 class CaseServer:
     """Routes: /img/<name> from `images`; /404; /flaky (500 then 200); /slow (sleeps);
     /to-private (302 to 169.254.169.254); /bomb; /text; /noai; /truncated; /redirect-ok."""
@@ -67,7 +70,7 @@ class CaseServer:
                 with server.lock:
                     server.hits[path] = server.hits.get(path, 0) + 1
                     n = server.hits[path]
-                good = image_bytes("JPEG", (64, 64), 99)
+                good = GOOD_JPEG
                 if path.startswith("/img/") and path[5:] in server.images:
                     self._send(200, server.images[path[5:]])
                 elif path == "/flaky":

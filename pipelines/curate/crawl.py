@@ -1,7 +1,7 @@
 """Image crawl: fetch, guard, verify, resize. Pure Python (threads), called per Ray Data block.
 
 img2dataset's downloader is the floor (timeouts, retries with back-off, user agent token,
-X-Robots-Tag opt-out, resize modes through its own `Resizer`, sha256, sizes, a status for every
+X-Robots-Tag opt-out, its resize modes (resize.py), sha256, sizes, a status for every
 image). On top: an SSRF guard re-checked on every redirect (redirects are followed here, bounded),
 a byte cap, a pixel cap read from the header before any full decode, content sniffing, truncation
 checks, and a per-host concurrency bound. Every outcome is a reason string, never an exception.
@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import io
 import ipaddress
-import os
 import socket
 import sys
 import threading
@@ -31,13 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
+import cv2
+import imagehash
+import requests
+from PIL import Image
 
-import imagehash  # noqa: E402
-import requests  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .config import CrawlConfig  # noqa: E402
+from .config import CrawlConfig
+from .resize import ResizeError, Resizer
 
 STAGE = "crawl"
 USER_AGENT = "Mozilla/5.0 (compatible; dreamcore/0.1; +https://github.com/dreamcore/dreamcore)"
@@ -486,39 +485,13 @@ def truncated(fmt: str, body: bytes) -> bool:
     return False
 
 
-def resizer_class() -> type:
-    """img2dataset's Resizer, loaded from its file: `import img2dataset` runs the package
-    __init__, which imports torch, wandb and webdataset: a start-up cost every Ray worker process
-    would pay for nothing."""
-    import importlib.util
-    import sys
-
-    name = "_dreamcore_img2dataset_resizer"
-    if name not in sys.modules:
-        spec = importlib.util.find_spec("img2dataset")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("img2dataset is not installed; pip install img2dataset (the crawl reuses its Resizer)")
-        path = os.path.join(list(spec.submodule_search_locations)[0], "resizer.py")
-        mod_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[name] = module
-        mod_spec.loader.exec_module(module)
-    return sys.modules[name].Resizer
-
-
 class ImageProcessor:
-    """Sniff, check truncation, read dimensions from the header, then img2dataset's Resizer."""
+    """Sniff, check truncation, read dimensions from the header, then resize (img2dataset's modes)."""
 
     def __init__(self, cfg: CrawlConfig, image_size: int):
         self.cfg = cfg
-        self.resizer = resizer_class()(
-            image_size=image_size,
-            resize_mode=cfg.resize_mode,
-            resize_only_if_bigger=cfg.resize_only_if_bigger,
-            encode_format=cfg.encode_format,
-            encode_quality=cfg.encode_quality,
-            max_image_area=cfg.max_pixels,
-        )
+        self.resizer = Resizer(image_size, cfg.resize_mode, cfg.resize_only_if_bigger, cfg.encode_format,
+                               cfg.encode_quality)
 
     def __call__(self, body: bytes) -> dict:
         cfg = self.cfg
@@ -538,13 +511,13 @@ class ImageProcessor:
             raise Refused("decode_error", f"cannot read the {fmt} header: {e}", 200) from None
         if width * height > cfg.max_pixels:
             raise Refused("too_many_pixels", f"{width}x{height} declared > {cfg.max_pixels} pixels", 200)
-        data, w, h, ow, oh, err = self.resizer(io.BytesIO(body))
-        if err is not None or data is None:
-            raise Refused("decode_error", f"resize failed: {err}", 200)
-        with Image.open(io.BytesIO(data)) as im:
-            phash = str(imagehash.phash(im))
+        try:
+            out = self.resizer(body, fmt, width, height)
+        except ResizeError as e:
+            raise Refused("decode_error", f"resize failed: {e}", 200) from None
+        phash = str(imagehash.phash(Image.fromarray(cv2.cvtColor(out.pixels, cv2.COLOR_BGR2RGB))))
         return {
-            "data": data, "width": w, "height": h, "orig_width": ow, "orig_height": oh,
+            "data": out.data, "width": out.width, "height": out.height, "orig_width": width, "orig_height": height,
             "phash": phash, "sha256": hashlib.sha256(body).hexdigest(), "num_bytes": len(body),
         }
 
