@@ -21,7 +21,7 @@ import yaml
 
 T = TypeVar("T")
 
-STAGES = ("I-creation", "I-comprehension", "II", "SFT")
+STAGES = ("I", "I-creation", "I-comprehension", "II", "SFT")
 
 
 class ConfigError(ValueError):
@@ -101,6 +101,9 @@ class DecoderConfig:
     name_or_path: str | None = None
     resolution: int = 16
     use_vae: bool = False
+    # A VAE built from config (use_vae, no name_or_path): its widths; n of them downscale 2^(n-1)x
+    # (Stable Diffusion's AutoencoderKL: 128, 256, 512, 512 -> 8x). A loaded VAE brings its own.
+    vae_block_out_channels: tuple[int, ...] = (16, 16)
     block_out_channels: tuple[int, ...] = (32, 32)
     layers_per_block: int = 1
     attention_head_dim: int = 8
@@ -237,6 +240,7 @@ def dreamllm_7b() -> ModelConfig:
             name_or_path="stabilityai/stable-diffusion-2-1-base",
             resolution=512,
             use_vae=True,
+            vae_block_out_channels=(128, 256, 512, 512),
             block_out_channels=(320, 640, 1280, 1280),
             layers_per_block=2,
             attention_head_dim=64,
@@ -253,7 +257,43 @@ def dreamllm_7b() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "dreamllm-7b": dreamllm_7b}
+def dreamllm_debug() -> ModelConfig:
+    """The 7B preset's code path at widths a CPU trains: a LLaMA LLM, a CLIP ViT read at its
+    penultimate layer with CLS dropped (patch 14, 16 tokens), 64 dream queries, a latent UNet with
+    Stable Diffusion 2.1's block layout conditioned by cross-attention, an 8x AutoencoderKL, SD's
+    scaled-linear epsilon schedule; CLIP and the decoder frozen, as pretrained ones are.
+
+    Built from config with random weights, or, as the 7B preset is, loaded by path: set
+    llm/vision/decoder/tokenizer `.name_or_path` to save_pretrained folders (a Stable Diffusion
+    folder for the decoder). Tests write such folders with each library's own classes.
+    """
+    return ModelConfig(
+        llm=LLMConfig(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=4,
+                      max_position_embeddings=512, gradient_checkpointing=True),
+        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=48, intermediate_size=96, num_layers=3,
+                            num_heads=2),
+        dream=DreamConfig(num_queries=64),
+        decoder=DecoderConfig(
+            resolution=64,
+            use_vae=True,
+            vae_block_out_channels=(8, 8, 16, 16),
+            block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1,
+            attention_head_dim=2,
+            cross_attention_dim=32,
+            prediction_type="epsilon",
+            beta_schedule="scaled_linear",
+            num_inference_steps=4,
+            guidance_scale=7.5,
+        ),
+        tokenizer=TokenizerConfig(vocab_size=512),
+        loss=LossConfig(lm_weight=1.0, vm_weight=10.0),
+        stage="II",
+        max_seq_len=512,
+    )
+
+
+PRESETS = {"tiny": tiny, "dreamllm-7b": dreamllm_7b, "dreamllm-debug": dreamllm_debug}
 
 
 def preset(name: str) -> ModelConfig:

@@ -126,20 +126,21 @@ class DiffusionDecoder(nn.Module):
         vae = None
         channels = 3
         if cfg.use_vae:
+            n = len(cfg.vae_block_out_channels)
             vae = AutoencoderKL(
                 in_channels=3,
                 out_channels=3,
-                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                block_out_channels=(16, 16),
+                down_block_types=("DownEncoderBlock2D",) * n,
+                up_block_types=("UpDecoderBlock2D",) * n,
+                block_out_channels=tuple(cfg.vae_block_out_channels),
                 latent_channels=4,
-                norm_num_groups=8,
+                norm_num_groups=min(32, *cfg.vae_block_out_channels),
                 sample_size=cfg.resolution,
             )
             channels = 4
         sample_cfg = cfg
         if vae is not None:
-            sample_cfg = dataclasses.replace(cfg, resolution=cfg.resolution // 2)
+            sample_cfg = dataclasses.replace(cfg, resolution=cfg.resolution // 2 ** (len(vae.config.block_out_channels) - 1))
         return cls(cfg, unet_from_config(sample_cfg, in_channels=channels), vae, scheduler_config(cfg))
 
     # ------------------------------------------------------------------------------------------

@@ -375,6 +375,7 @@ class DreamLLM(nn.Module):
 def apply_stage(model: DreamLLM, stage: str) -> DreamLLM:
     """Set requires_grad for a training stage (DreamLLM section 3; see config.STAGES).
 
+    - "I": both of stage I's parts in one run (LLM frozen): creation and comprehension pairs.
     - "I-creation": dream queries + condition projector (LLM frozen).
     - "I-comprehension": vision projector (LLM frozen).
     - "II", "SFT": LLM, both projectors, dream queries.
@@ -386,8 +387,8 @@ def apply_stage(model: DreamLLM, stage: str) -> DreamLLM:
     if stage not in STAGES:
         raise ConfigError(f"stage={stage!r} is not a stage; choose one of {', '.join(STAGES)}")
     cfg = model.cfg
-    creation = stage in ("I-creation", "II", "SFT")
-    comprehension = stage in ("I-comprehension", "II", "SFT")
+    creation = stage in ("I", "I-creation", "II", "SFT")
+    comprehension = stage in ("I", "I-comprehension", "II", "SFT")
     model.requires_grad_(False)
     if model.llm is not None:
         model.llm.requires_grad_(stage in ("II", "SFT"))

@@ -254,3 +254,39 @@ def test_checkpoints_hold_every_rng_state():
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
     set_rng_states({"torch": saved["torch"]})
     assert torch.equal(torch.rand(3), first[0])
+
+
+def test_each_preset_and_stage_starts_from_its_recipe():
+    """dreamllm-7b takes DreamLLM's published settings per stage (pipelines/train/recipes.py); tiny
+    keeps its own; a user's setting wins over the recipe; the stage may come from --set too."""
+    ii = load_train_config("dreamllm-7b", stage="II")
+    assert (ii.optim.lr, ii.max_steps, ii.optim.warmup_steps, ii.optim.min_lr_ratio) == (2e-5, 4000, 12, 0.0)
+    assert (ii.optim.beta2, ii.optim.weight_decay, ii.micro_batch_size, ii.model.stage) == (0.999, 0.0, 8, "II")
+    assert load_train_config("dreamllm-7b", stage="I").optim.lr == 2e-3
+    assert load_train_config("dreamllm-7b", stage="I-creation").max_steps == 30_000
+    sft = load_train_config("dreamllm-7b", None, ["model.stage=SFT"])
+    assert (sft.optim.lr, sft.max_steps, sft.model.stage) == (4e-5, 120, "SFT")
+    mine = load_train_config("dreamllm-7b", None, ["optim.lr=1e-5", "max_steps=50"], stage="II")
+    assert (mine.optim.lr, mine.max_steps, mine.optim.warmup_steps) == (1e-5, 50, 12)
+    debug = load_train_config("dreamllm-debug", stage="SFT")
+    assert (debug.optim.lr, debug.max_steps, debug.micro_batch_size) == (4e-5, 8, 2)
+    tiny = load_train_config("tiny", stage="SFT")
+    assert (tiny.optim.lr, tiny.max_steps, tiny.optim.warmup_steps) == (TrainConfig().optim.lr, 200, 50)
+    assert tiny.model.stage == "SFT"
+
+
+def test_the_rayjob_trains_the_7b_recipe_at_the_papers_global_batch():
+    """The RayJob manifest's command line gives stage II's recipe, and with its workers and
+    grad_accum the global batch DreamLLM trained with (1024)."""
+    import argparse
+
+    import yaml
+
+    from pipelines.train import cli
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "kuberay" / "rayjob-train.yaml").read_text())
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    cfg = cli.load(parser.parse_args(spec["spec"]["entrypoint"].split()[4:]))
+    assert (cfg.optim.lr, cfg.max_steps, cfg.model.stage) == (2e-5, 4000, "II")
+    assert cfg.global_batch_size(cfg.scaling.workers) == 1024

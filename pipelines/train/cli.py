@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dreamcore.config import PRESETS, STAGES, ConfigError, preset
+from dreamcore.config import PRESETS, STAGES, ConfigError
 from pipelines.cli_args import Flag, add_config_arguments, apply_flags, config_from_args
-from pipelines.train.config import TrainConfig, mixture_from_data_args
+from pipelines.train.config import TrainConfig, mixture_from_data_args, with_recipe
 
 # Named flags: shorthands for one TrainConfig key each, applied after --set.
 FLAGS = (
@@ -48,7 +48,7 @@ def load(args: argparse.Namespace) -> TrainConfig:
 
     `--data` (repeatable, FOLDER[@WEIGHT]) is applied with the named flags: it replaces data.mixture.
     """
-    cfg = config_from_args(TrainConfig(model=preset(args.model)), args, FLAGS)
+    cfg = with_recipe(args.model, lambda base: config_from_args(base, args, FLAGS))
     cfg = apply_flags(cfg, {"data.mixture": mixture_from_data_args(args.data)}).validate()
     if not cfg.data.mixture:
         raise ConfigError("no training data: give --data FOLDER[@WEIGHT] (repeatable), or data.mixture "

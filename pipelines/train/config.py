@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreamcore.config import STAGES, ConfigError, ModelConfig, load_config, preset
+from dreamcore.config import STAGES, ConfigError, ModelConfig, load_config, merge, preset
 
 
 @dataclass
@@ -275,7 +276,25 @@ def load_train_config(
     """
     from pipelines.cli_args import apply_flags
 
-    cfg = load_config(TrainConfig(model=preset(preset_name)), path, overrides)
     values = {"model.stage": stage, "scaling.workers": workers, "scaling.gpu": True if gpu else None,
               "data.mixture": mixture_from_data_args(data)}
-    return apply_flags(cfg, values).validate()
+    return with_recipe(preset_name, lambda base: apply_flags(load_config(base, path, overrides), values)).validate()
+
+
+def stage_base(preset_name: str, stage: str | None = None) -> TrainConfig:
+    """The preset's model with its stage's recipe (pipelines/train/recipes.py) applied: the defaults
+    that YAML, --set and flags then override. Presets without recipes (tiny) keep TrainConfig's."""
+    from pipelines.train.recipes import recipe
+
+    cfg = TrainConfig(model=preset(preset_name))
+    stage = stage or cfg.model.stage
+    found = recipe(preset_name, stage)
+    return merge(cfg, found.overrides(stage)) if found else merge(cfg, {"model": {"stage": stage}})
+
+
+def with_recipe(preset_name: str, build: Callable[[TrainConfig], TrainConfig]) -> TrainConfig:
+    """`build(base)` applies the user's settings (YAML, --set, flags) to a base config. It runs
+    twice: once on the bare preset to learn the stage the user asked for, then on that stage's
+    recipe, so a user's setting always wins over the recipe and the recipe follows `--stage`."""
+    stage = build(TrainConfig(model=preset(preset_name))).model.stage
+    return build(stage_base(preset_name, stage))
