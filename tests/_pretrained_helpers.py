@@ -24,7 +24,13 @@ def write_debug_weights(root: Path, cfg: ModelConfig | None = None, seed: int = 
     """Writes the four folders under `root`; returns the `name_or_path` of each component."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaTokenizerFast,
+    )
 
     cfg = cfg or dreamllm_debug()
     torch.manual_seed(seed)
