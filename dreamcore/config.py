@@ -165,10 +165,15 @@ class ModelConfig:
     stage: str = "II"  # what trains: see dreamcore.model.apply_stage
     max_seq_len: int = 256
     max_images_per_sample: int = 0  # 0 = as many interleaved image blocks as fit in max_seq_len
+    chat_template: str = "vicuna_v1"  # how instruction data (conversations) is laid out: dreamcore.chat
 
     def __post_init__(self) -> None:
+        from dreamcore.chat import TEMPLATES
+
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r} is not a stage; choose one of {', '.join(STAGES)}")
+        if self.chat_template not in TEMPLATES:
+            raise ConfigError(f"chat_template={self.chat_template!r} is unknown; choose one of {', '.join(TEMPLATES)}")
         if self.loss.vm_max_images < 0:
             raise ConfigError(f"loss.vm_max_images={self.loss.vm_max_images}; give 0 (every dream image) or a "
                               "positive count")

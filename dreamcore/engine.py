@@ -44,8 +44,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dreamcore.chat import EndOfTurn
 from dreamcore.decoder import DiffusionDecoder
 from dreamcore.model import DreamLLM
+from dreamcore.tokenizer import SampledText
 
 ImageLike = bytes | Image.Image | np.ndarray
 
@@ -57,7 +59,7 @@ class Drawn:
     image: ImageLike
 
 
-DocPart = str | ImageLike | Drawn
+DocPart = str | ImageLike | Drawn | EndOfTurn
 
 
 # Temperatures below this sample greedily: dividing logits by less overflows float64 softmax for
@@ -184,6 +186,9 @@ class TextEngine:
         for part in parts:
             if isinstance(part, str):
                 prompt.append(part)
+                continue
+            if isinstance(part, EndOfTurn):  # a chat template's end of an assistant turn
+                prompt.append(SampledText("", [self.tok.eos_id]))
                 continue
             if isinstance(part, Drawn):
                 drawn.append(len(images))

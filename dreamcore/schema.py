@@ -52,6 +52,10 @@ CURATE_IMAGE_TYPE = pa.struct(
         pa.field("height", pa.int32()),
         pa.field("num_bytes", pa.int64()),  # downloaded size
         pa.field("data", pa.binary()),  # stored image (PNG at the configured resolution)
+        # Where the crawl gets the bytes: "web" fetches `url`; "embedded": `data` holds the source
+        # bytes (img2dataset shards); "dataset": `url` is a file of the dataset's own storage
+        # (instruction data), read there, never fetched and never taken from a web document.
+        pa.field("source", pa.string()),
     ]
 )
 
@@ -66,6 +70,9 @@ CURATE_DOC_SCHEMA = pa.schema(
         pa.field("reason", pa.string()),
         pa.field("error", pa.string()),
         pa.field("images", pa.list_(CURATE_IMAGE_TYPE)),
+        # Conversations (instruction data): the role of each `texts` entry ("system", "user",
+        # "assistant"); [] for documents. The tokenizer's chat layout trains on assistant turns only.
+        pa.field("roles", pa.list_(pa.string())),
     ],
     metadata={"dreamcore.schema_version": SCHEMA_VERSION, "dreamcore.kind": "curate_document"},
 )

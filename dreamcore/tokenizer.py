@@ -420,6 +420,37 @@ class DreamTokenizer:
         enc.truncated = True
         return enc
 
+    def encode_conversation(
+        self,
+        turns: Sequence[tuple[str, Part]],
+        template: str = "vicuna_v1",
+        max_len: int | None = None,
+        max_images: int | None = None,
+    ) -> EncodedDocument:
+        """Instruction data (stage III): (role, part) turns laid out by a chat template
+        (dreamcore.chat); labels on assistant turns only (their text, the `<dream_start>` of images
+        they draw, the EOS that closes each), everything else -100. Over `max_len` the
+        conversation is cut at a token boundary, whole blocks only."""
+        from dreamcore.chat import chat_segments
+
+        segments = chat_segments(template, [(r, p) for r, p in zip([r for r, _ in turns],
+                                                                    self._check_parts([p for _, p in turns]))])
+        if not any(s.kind in ("target", "draw") for s in segments):
+            raise EmptyDocumentError("conversation has no assistant text or image; nothing to train on")
+        tokens = iter(self._tokenize_parts([s.value for s in segments if isinstance(s.value, str)]))
+        items: list[tuple[str, Any]] = []
+        for seg in segments:
+            if seg.kind == "eos":
+                items.append(("text", [self.eos_id]))
+            elif isinstance(seg.value, str):
+                items.append(("text" if seg.kind == "target" else "context", next(tokens)))
+            else:
+                items.append(("both" if seg.kind == "draw" else "image", seg.value))
+        enc = self._layout(items, room=None, max_images=max_images, eos=False)
+        if max_len is not None and len(enc) > max_len:
+            enc = self._layout(items, room=max_len, max_images=max_images, eos=False)
+        return enc
+
     def encode_prompt(self, parts: Sequence[Part], drawn: Collection[int] = ()) -> EncodedDocument:
         """A generation prompt: BOS, text, and a comprehension block per given image; no EOS.
 

@@ -162,8 +162,9 @@ def test_obelics_positions_are_kept_under_source(tmp_path):
     pq.write_table(table, buf)
     [row] = parse_shard(buf.getvalue().to_pybytes(), "ob.parquet")
     [doc] = SimilarityStage(SimilarityConfig())([row])
-    assert [(im["matched_text_index"], im["reason"]) for im in doc["images"]] == [(1, ""), (1, "")]
+    assert [(im["matched_text_index"], im["reason"]) for im in doc["images"]] == [(0, ""), (0, "")]
     assert all(math.isnan(im["matched_sim"]) for im in doc["images"])
+    assert interleave(doc["texts"], [0, 0])[0] == ["Intro.", 0, 1, "About both images. More."]
 
 
 def test_placement_setting_is_validated_and_recorded_in_the_manifest(tmp_path, monkeypatch):

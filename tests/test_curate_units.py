@@ -15,6 +15,7 @@ from _curate_helpers import CaseServer, bomb_png, image_bytes, mmc4_doc, write_j
 
 from dreamcore.config import ConfigError, load_config
 from dreamcore.schema import SAMPLE_SCHEMA
+from dreamcore.tokenizer import interleave
 from pipelines.curate import manifest as mf
 from pipelines.curate.config import CrawlConfig, CurateConfig, FilterConfig, embedded
 from pipelines.curate.crawl import Crawler, Refused, check_address, robots_opt_out, sniff, truncated
@@ -56,7 +57,7 @@ def test_similarity_matrix_shape_is_checked():
     assert row["reason"] == "missing_fields" and "similarity_matrix" in row["error"]
 
 
-def test_obelics_parquet_aligns_images_with_following_text(tmp_path):
+def test_obelics_parquet_keeps_the_order_of_images_and_texts(tmp_path):
     table = pa.table({
         "images": [[None, "http://x/1.jpg", None, "http://x/2.jpg"], [None]],
         "texts": [["Intro.", None, "About image one.", None], ["only"]],
@@ -67,7 +68,15 @@ def test_obelics_parquet_aligns_images_with_following_text(tmp_path):
     pq.write_table(pa.concat_tables([table, bad.cast(table.schema)]), buf)
     rows = parse_shard(buf.getvalue().to_pybytes(), "ob.parquet")
     assert rows[0]["url"] == "http://doc/1"
-    assert [im["matched_text_index"] for im in rows[0]["images"]] == [1, 1]
+    assert [im["matched_text_index"] for im in rows[0]["images"]] == [0, 1]
+    # the layout (interleave: an image right after its matched text) is OBELICS's own order
+    assert interleave(rows[0]["texts"], [0, 1])[0] == ["Intro.", 0, "About image one.", 1]
+    lead = pa.table({"images": [["http://x/0.jpg", None]], "texts": [[None, "Caption after."]],
+                     "general_metadata": ["{}"]})
+    buf = pa.BufferOutputStream()
+    pq.write_table(lead, buf)
+    [row] = parse_shard(buf.getvalue().to_pybytes(), "lead.parquet")
+    assert interleave(row["texts"], [im["matched_text_index"] for im in row["images"]])[0] == [0, "Caption after."]
     assert rows[2]["reason"] == "missing_fields" and "aligned" in rows[2]["error"]
 
 

@@ -135,11 +135,11 @@ def test_url_images_are_never_fetched():
 
 
 def test_chat_maps_onto_the_native_request():
-    native, drawn, fields = chat_to_generate(chat(messages=[
+    native, roles, fields = chat_to_generate(chat(messages=[
         {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
         {"role": "assistant", "content": None},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG_URL}}]}], max_tokens=5))
-    assert [p.type for p in native.input] == ["text", "image"] and drawn == [False, False]
+    assert [p.type for p in native.input] == ["text", "image"] and roles == ["system", "user"]
     assert native.max_new_tokens == 5 and fields["max_new_tokens"] == "max_tokens"
     assert fields["input[1].image"] == "messages[2].content[0].image_url.url"
 

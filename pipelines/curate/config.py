@@ -167,6 +167,9 @@ class CurateConfig:
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    # Instruction data (LLaVA-style `image` paths): the folder or URI they are relative to;
+    # "" = the folder of each instruction file.
+    image_root: str = ""
     shards_per_commit: int = 8  # input shards per published group (the resume granularity)
     progress: bool = True
 

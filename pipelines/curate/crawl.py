@@ -522,6 +522,20 @@ class ImageProcessor:
         }
 
 
+def read_dataset_image(path: str, max_bytes: int) -> bytes:
+    """An image file of the dataset (local path or object-store URI), at most `max_bytes`."""
+    from dreamcore import storage
+
+    fs, p = storage.filesystem(path)
+    try:
+        with fs.open_input_file(p) as f:
+            if f.size() > max_bytes:
+                raise Refused("too_many_bytes", f"{path}: {f.size()} bytes > crawl.max_bytes={max_bytes}")
+            return f.read()
+    except (FileNotFoundError, OSError) as e:
+        raise Refused("image_not_found", f"{path}: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # A block of documents
 
@@ -547,9 +561,16 @@ class Crawler:
 
     def crawl_image(self, image: dict) -> None:
         try:
-            fetched = self.fetcher.fetch(image["url"])
-            image["http_status"] = fetched.http_status
-            image.update(self.processor(fetched.body))
+            source = image.get("source") or "web"
+            if source == "embedded":  # the shard carried the bytes (img2dataset): nothing to fetch
+                body = image["data"]
+            elif source == "dataset":  # instruction data's own image files, never a web document's
+                body = read_dataset_image(image["url"], self.cfg.max_bytes)
+            else:
+                fetched = self.fetcher.fetch(image["url"])
+                image["http_status"] = fetched.http_status
+                body = fetched.body
+            image.update(self.processor(body))
         except Refused as e:
             image.update(drop_stage=STAGE, reason=e.reason, error=e.error[:500], http_status=e.http_status)
         except Exception as e:  # noqa: BLE001 - one bad image must never lose the block

@@ -72,10 +72,13 @@ def _rows(batch: pa.Table) -> list[dict]:
     return batch.to_pylist()
 
 
-def read_udf(batch: pa.Table) -> pa.Table:
+def read_udf(batch: pa.Table, image_root: str = "", roots: dict[str, str] | None = None) -> pa.Table:
+    """`roots`: each shard's folder as the user named it (Ray reports object-store paths without
+    their scheme), where instruction data's images are found unless `image_root` is set."""
     rows: list[dict] = []
     for item in batch.to_pylist():
-        rows += parse_shard(item["bytes"], item["path"])
+        root = image_root or (roots or {}).get(item["path"], "")
+        rows += parse_shard(item["bytes"], item["path"], root)
     return rows_to_table(rows)
 
 
@@ -425,7 +428,9 @@ def _run_group(group: list[str], out: str | Path, cfg: CurateConfig, manifest: d
 def _read_crawl_filter(group: list[str], cfg: CurateConfig) -> ray.data.Dataset:
     """Steps 1-3, streamed, then materialized: dedup needs two passes over the crawled rows."""
     ds = ray.data.read_binary_files(group, include_paths=True, override_num_blocks=len(group))
-    ds = ds.map_batches(read_udf, batch_size=1, batch_format="pyarrow").materialize()
+    roots = {shard.split("://", 1)[-1]: shard.rsplit("/", 1)[0] for shard in group}
+    ds = ds.map_batches(read_udf, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"image_root": cfg.image_root, "roots": roots}).materialize()
     # One shard is one block: split it so crawl tasks run side by side (a block's batches run in
     # sequence, so one slow host would otherwise stall the whole shard).
     ds = ds.repartition(max(1, -(-ds.count() // cfg.crawl.batch_size)))

@@ -108,7 +108,8 @@ def apply_source_placement(doc: dict, threshold: float) -> None:
 class ClipScorer:
     """Cosine similarities of images and sentences with a CLIPModel (GPU when one is visible)."""
 
-    def __init__(self, model_path: str, device: str | None = None):
+    def __init__(self, model_path: str, device: str | None = None, setting: str = "similarity.model"):
+        """`setting`: the option that named the model, for the error message."""
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -118,8 +119,8 @@ class ClipScorer:
             self.processor = AutoImageProcessor.from_pretrained(model_path)
         except (OSError, ValueError) as e:
             raise ValueError(
-                f"similarity.model={model_path!r} is not a loadable CLIP folder/hub id "
-                f"({type(e).__name__}: {str(e).splitlines()[0]}); set similarity.model to a folder with "
+                f"{setting}={model_path!r} is not a loadable CLIP folder/hub id "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}); set {setting} to a folder with "
                 "a CLIPModel, its tokenizer and image processor, or unset it"
             ) from None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -35,13 +35,16 @@ def encode_doc(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> dict:
     if doc["drop_stage"]:
         return doc
     kept = [i for i, img in enumerate(doc["images"]) if not img["drop_stage"]]
-    parts, problems = interleave(doc["texts"], [doc["images"][i]["matched_text_index"] for i in kept])
-    for p in problems:
-        drop_image(doc["images"][kept[p.image]], STAGE, p.reason, p.detail)
     try:
-        enc: EncodedDocument = tok.encode_document(
-            parts, max_len=mcfg.max_seq_len, max_images=mcfg.images_per_sample
-        )
+        if doc.get("roles"):
+            enc: EncodedDocument = tok.encode_conversation(
+                conversation_turns(doc, kept), mcfg.chat_template, max_len=mcfg.max_seq_len,
+                max_images=mcfg.images_per_sample)
+        else:
+            parts, problems = interleave(doc["texts"], [doc["images"][i]["matched_text_index"] for i in kept])
+            for p in problems:
+                drop_image(doc["images"][kept[p.image]], STAGE, p.reason, p.detail)
+            enc = tok.encode_document(parts, max_len=mcfg.max_seq_len, max_images=mcfg.images_per_sample)
     except EmptyDocumentError as e:
         drop_document(doc, STAGE, e.reason, str(e))
         return doc
@@ -55,11 +58,24 @@ def encode_doc(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> dict:
     return doc
 
 
+def conversation_turns(doc: dict, kept: list[int]) -> list[tuple[str, str | int]]:
+    """A conversation row -> (role, part) turns: each text with its role, then the kept images
+    placed after it (`matched_text_index`), in the role of that text. Image parts index `kept`."""
+    after: dict[int, list[int]] = {}
+    for j, i in enumerate(kept):
+        after.setdefault(doc["images"][i]["matched_text_index"], []).append(j)
+    turns: list[tuple[str, str | int]] = []
+    for t, (role, text) in enumerate(zip(doc["roles"], doc["texts"])):
+        turns.append((role, text))
+        turns += [(role, j) for j in after.get(t, [])]
+    return turns
+
+
 def pair_sequences(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> list[EncodedDocument] | None:
     """DreamLLM's pair data from a one-image document: creation (sentence -> dream block) and
     comprehension (image -> sentence as target), as two sequences. None when the document has not
     exactly one kept image, or its matched sentence is empty (it stays interleaved)."""
-    if len(doc["enc_images"]) != 1:
+    if len(doc["enc_images"]) != 1 or doc.get("roles"):  # conversations keep their chat layout
         return None
     image = doc["images"][doc["enc_images"][0]]
     m = image["matched_text_index"]

@@ -7,10 +7,13 @@ can call a dreamcore endpoint unchanged: `POST /v1/chat/completions` and `POST
 and image decoding are the native ones. An image request becomes `ImagesRequest` + `check_images`.
 The Ingress then drives the same `dreamcore.generate.Document` loop over the same deployments.
 
-A DreamLLM checkpoint continues documents; it has no chat template. The messages' text and image
-parts therefore become the document prompt in order, with no role markers. Images in assistant
-messages are ones the model drew earlier, so they are laid out as drawn images (dream block, then
-comprehension block), as in training and in `Document`.
+A DreamLLM checkpoint of stage I or II continues documents; it has no chat template. The
+messages' text and image parts then become the document prompt in order, with no role markers. A
+checkpoint trained on conversations (stage SFT, DreamLLM's III) is prompted with the chat template it was
+trained with (`ModelConfig.chat_template`, dreamcore.chat), laid out exactly as in training and
+ending at the assistant's marker. Either way images in assistant messages are ones the model drew
+earlier, so they are laid out as drawn images (dream block, then comprehension block), as in
+training and in `Document`.
 
 `ChatCompletionBuilder` turns a document's output (text deltas of any length and images) into
 OpenAI's `chat.completion` or `chat.completion.chunk` objects. It applies `stop` sequences, holding
@@ -29,6 +32,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dreamcore.chat import EndOfTurn, chat_segments
 from dreamcore.engine import DocPart, Drawn
 from dreamcore.generate import GenerationParams
 from pipelines.serve.api import (
@@ -122,6 +126,7 @@ class AssistantMessage(_Strict):
 
 
 Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+ROLE_OF = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class StreamOptions(_Strict):
@@ -200,16 +205,17 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def chat_to_generate(req: ChatCompletionRequest) -> tuple[GenerateRequest, list[bool], dict[str, str]]:
+def chat_to_generate(req: ChatCompletionRequest) -> tuple[GenerateRequest, list[str], dict[str, str]]:
     """The native /v1/generate request a chat maps onto.
 
-    Returns (request, drawn, fields): `drawn[i]` says input part i is an image an assistant
-    message carries (the model drew it), and `fields` renames native fields to OpenAI parameters.
+    Returns (request, roles, fields): `roles[i]` is the role ("system", "user", "assistant") of the
+    message input part i comes from (an image in an assistant message is one the model drew), and
+    `fields` renames native fields to OpenAI parameters.
     """
     if req.n != 1:
         raise RequestError("n", f"{req.n} choices asked; this server answers n=1 only (send n separate requests)")
     parts: list[TextPart | ImagePart] = []
-    drawn: list[bool] = []
+    roles: list[str] = []
     tokens = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     fields = {"input": "messages", "max_new_tokens": tokens}
     for m, msg in enumerate(req.messages):
@@ -217,7 +223,7 @@ def chat_to_generate(req: ChatCompletionRequest) -> tuple[GenerateRequest, list[
         for k, part in enumerate(content or []):
             if isinstance(part, ChatTextPart):
                 parts.append(TextPart(text=part.text))
-                drawn.append(False)
+                roles.append(ROLE_OF[msg.role])
                 continue
             where = f"messages[{m}].content[{k}].image_url.url"
             if not part.image_url.url.startswith("data:"):
@@ -225,7 +231,7 @@ def chat_to_generate(req: ChatCompletionRequest) -> tuple[GenerateRequest, list[
                                           "this server does not fetch images from the network")
             fields[f"input[{len(parts)}].image"] = where
             parts.append(ImagePart(image=part.image_url.url))
-            drawn.append(msg.role == "assistant")
+            roles.append(ROLE_OF[msg.role])
     if not parts:
         raise RequestError("messages", "have no content; send at least one text or image part")
     native = GenerateRequest(
@@ -233,24 +239,44 @@ def chat_to_generate(req: ChatCompletionRequest) -> tuple[GenerateRequest, list[
         temperature=req.temperature, top_p=req.top_p, seed=req.seed,
         num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
     )
-    return native, drawn, fields
+    return native, roles, fields
+
+
+def chat_prompt(parts: list[Any], roles: list[str], template: str | None) -> list[Any]:
+    """Checked input parts -> the document prompt. Without a template (a model that continues
+    documents) the parts in order, assistant images as drawn ones; with one (a model trained on
+    conversations, stage SFT) the conversation laid out by it, as in training (dreamcore.chat),
+    ending where the assistant answers."""
+    if template is None:
+        return [Drawn(p) if r == "assistant" and not isinstance(p, str) else p for p, r in zip(parts, roles)]
+    turns = [(r, p if isinstance(p, str) else i) for i, (p, r) in enumerate(zip(parts, roles))]
+    out: list[Any] = []
+    for seg in chat_segments(template, turns, generation_prompt=True):
+        if seg.kind == "eos":
+            out.append(EndOfTurn())
+        elif isinstance(seg.value, str):
+            out.append(seg.value)
+        else:
+            out.append(Drawn(parts[seg.value]) if seg.kind == "draw" else parts[seg.value])
+    return out
 
 
 def check_chat(
     req: ChatCompletionRequest, model_id: str, limits: LimitsConfig, defaults: DefaultsConfig,
-    model_steps: int, model_guidance: float, seed: int,
+    model_steps: int, model_guidance: float, seed: int, chat_template: str | None = None,
 ) -> ChatPlan:
-    """Validate a chat request against the served model and the limits: a ChatPlan or RequestError."""
+    """Validate a chat request against the served model and the limits: a ChatPlan or RequestError.
+    `chat_template`: the served model's template when it was trained on conversations, else None."""
     _check_model(req.model, model_id)
     stop = _stop_list(req.stop)
-    native, drawn, fields = chat_to_generate(req)
+    native, roles, fields = chat_to_generate(req)
     plan = ChatPlan([], GenerationParams(), stop, bool(req.stream_options and req.stream_options.include_usage),
                     fields)
     try:
         parts, plan.params = check_generate(native, limits, defaults, model_steps, model_guidance, seed)
     except RequestError as e:
         raise plan.rename(e) from None
-    plan.prompt = [Drawn(p) if d else p for p, d in zip(parts, drawn)]
+    plan.prompt = chat_prompt(parts, roles, chat_template)
     return plan
 
 
