@@ -87,7 +87,7 @@ class DreamLLM(nn.Module):
     `components` picks the parts to build (a text server skips "decoder", an image server keeps
     only "decoder"); `modules` hands in already built ones ({"llm", "vision", "decoder"}: used by
     checkpoint loading). Parts not handed in are loaded from their `name_or_path` when it is set
-    (dreamcore.pretrained), else built from config.
+    (dreamcore.pretrained, in `load_dtype`), else built from config.
     """
 
     def __init__(
@@ -96,6 +96,7 @@ class DreamLLM(nn.Module):
         tokenizer: Any,
         components: Sequence[str] = COMPONENTS,
         modules: dict[str, nn.Module] | None = None,
+        load_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         unknown = [c for c in components if c not in COMPONENTS]
@@ -105,7 +106,7 @@ class DreamLLM(nn.Module):
         self.components = tuple(components)
         self.special = _special_ids(tokenizer)
         modules = dict(modules or {})
-        modules.update(load_components(cfg, [c for c in components if c not in modules]))
+        modules.update(load_components(cfg, [c for c in components if c not in modules], load_dtype))
 
         self.llm: PreTrainedModel | None = None
         self.vision: CLIPVisionModel | None = None

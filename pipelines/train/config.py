@@ -127,6 +127,20 @@ class ScalingSettings:
 
 
 @dataclass
+class ValidationSettings:
+    """A held-out split and its loss during training.
+
+    The last `rows` rows of the first data folder (in file order) are held out of training; every
+    `every_steps` steps, and at the last step, every rank computes the loss on them in eval mode
+    with the same noise and timesteps each time (the training random streams are put back after),
+    so values at different steps compare. It is logged as val_loss / val_lm_loss / val_vm_loss.
+    """
+
+    every_steps: int = 0  # 0 = no validation
+    rows: int = 64
+
+
+@dataclass
 class DebugSettings:
     """Fault injection for tests and drills."""
 
@@ -150,6 +164,7 @@ class TrainConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     data: DataSettings = field(default_factory=DataSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
 
     def validate(self) -> TrainConfig:
@@ -167,6 +182,8 @@ class TrainConfig:
             (self.data.cache_max_mib >= 0, "data.cache_max_mib must be >= 0 (0 = always stream)"),
             *self._mixture_checks(),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+            (self.validation.every_steps >= 0, "validation.every_steps must be >= 0 (0 = no validation)"),
+            (self.validation.rows >= 1, "validation.rows must be >= 1"),
             (self.scaling.workers >= 0, "scaling.workers must be >= 0"),
             (self.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker must be > 0"),
             (not {"CPU", "GPU"} & set(self.scaling.resources_per_worker)

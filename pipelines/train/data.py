@@ -177,6 +177,33 @@ def build_dataset(files: Sequence[str | Path], model: ModelConfig, decode_batch_
     )
 
 
+def held_out_split(files: Sequence[str | Path], rows: int, where: str) -> int:
+    """Rows of `files` left to training when the last `rows` are held out for validation."""
+    total = 0
+    for f in files:
+        with open_parquet(f) as pf:
+            total += pf.metadata.num_rows
+    if rows >= total:
+        raise ConfigError(f"validation.rows={rows} would hold out all {total} rows of {where}; "
+                          "lower it (or curate more data)")
+    return total - rows
+
+
+def read_held_out(files: Sequence[str | Path], rows: int) -> Any:
+    """The last `rows` rows of `files` (the validation split) as a pyarrow Table of SAMPLE_SCHEMA."""
+    import pyarrow as pa
+
+    tables, need = [], rows
+    for f in reversed(list(files)):
+        with open_parquet(f) as pf:
+            table = pf.read(columns=SAMPLE_SCHEMA.names)
+        tables.insert(0, table.slice(max(0, table.num_rows - need)))
+        need -= tables[0].num_rows
+        if need <= 0:
+            break
+    return pa.concat_tables(tables)
+
+
 def decoded_size_mib(files: Sequence[str | Path], model: ModelConfig, sample_rows: int = 4) -> float:
     """Estimated size of the decoded dataset: total rows x the bytes of a few decoded rows.
 

@@ -37,6 +37,8 @@ from pipelines.train.data import (
     check_data_folder,
     dataset_key,
     decoded_size_mib,
+    held_out_split,
+    read_held_out,
     read_manifest,
 )
 from pipelines.train.deepspeed_config import deepspeed_config
@@ -192,6 +194,8 @@ def train(
         _check_model_matches_data(cfg, folder)
     _check_same_tokenizer(folders)
     _check_same_mixture(cfg, run)
+    validating = cfg.validation.every_steps > 0
+    training_rows = held_out_split(files[0], cfg.validation.rows, folders[0]) if validating else None
     if cfg.init_from and not storage.is_dir(cfg.init_from):
         raise ConfigError(f"init_from={cfg.init_from}: no such folder; give the model/ folder of the previous stage")
 
@@ -210,8 +214,12 @@ def train(
     data_ctx = ray.data.DataContext.get_current()
     saved = data_ctx.enable_progress_bars, data_ctx.print_on_execution_start
     data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = False, False
+    held_out = None
     try:
         datasets = [build_dataset(f, cfg.model, cfg.data.decode_batch_rows) for f in files]
+        if validating:  # the first folder's last rows: held out of training, into the object store
+            datasets[0] = datasets[0].limit(training_rows)
+            held_out = ray.put(read_held_out(files[0], cfg.validation.rows))
         datasets = _cache_or_stream(datasets, files, cfg)
     finally:
         data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = saved
@@ -230,7 +238,7 @@ def train(
     remote = ObjectStorePaths.of(cfg, run)
     trainer = TorchTrainer(
         functools.partial(_loop_on_object_storage, remote) if remote.any() else train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "run_dir": str(local_run_dir(run))},
+        train_loop_config={"train": to_dict(cfg), "run_dir": str(local_run_dir(run)), "held_out": held_out},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu, resources_per_worker=resources

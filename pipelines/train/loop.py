@@ -105,8 +105,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     _resume(w, engine, checkpoint, state, position)
     batches = itertools.chain([first_batch.result()], batches)
 
-    # 5. Optimizer steps with the progress line, metrics files, reports and checkpoints
-    _train_steps(w, engine, scheduler, batches, state, position)
+    # 5. Optimizer steps with the progress line, metrics files, reports, validation and checkpoints
+    held_out = _held_out(cfg, config.get("held_out"))
+    _train_steps(w, engine, scheduler, batches, state, position, held_out)
 
     # 6. Export for serving/generation; local mode gives the caller's process back as it was
     export_model(engine, tokenizer, w.cfg, w.run_dir / "model", w.rank)
@@ -241,21 +242,31 @@ def _build_engine(w: Worker, data_dir: Path) -> tuple[Any, Any, Any]:
 
     cfg = w.cfg
     tokenizer = DreamTokenizer.from_pretrained(data_dir / "tokenizer")
+    ds_config = deepspeed_config(cfg, w.world)
+    # ZeRO-3 partitions the model at deepspeed.initialize, after each rank built it whole (in the
+    # run's precision, see build_model). Building straight into partitions (deepspeed.zero.Init)
+    # is not used: on gloo it hung in the first steps and it changes the random init (see the
+    # issue-15 note).
     model = build_model(cfg, tokenizer)
     if cfg.precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     params = trainable_parameters(model)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=optimizer_groups(model, cfg.optim), config=deepspeed_config(cfg, w.world),
+        model=model, model_parameters=optimizer_groups(model, cfg.optim), config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, lr_lambdas(opt.param_groups, cfg.optim, cfg.max_steps)),
         dist_init_required=False,
     )
     if w.rank == 0:
-        n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+        n_train, n_all = sum(map(_numel, params)), sum(map(_numel, model.parameters()))
         say(f"[train] {w.world} worker(s) x {torch.get_num_threads()} torch threads, {cfg.precision}, "
             f"ZeRO-{cfg.deepspeed.zero_stage}, stage {cfg.model.stage}: {n_train:,} of "
             f"{n_all:,} parameters train; global batch {cfg.global_batch_size(w.world)}")
     return tokenizer, engine, scheduler
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    """A parameter's full size; ZeRO-3 leaves an empty tensor in each partitioned one."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def build_model(cfg: TrainConfig, tokenizer: Any) -> torch.nn.Module:
@@ -273,10 +284,12 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> torch.nn.Module:
             )
         # The new stage's loss weights and freezing apply; the architecture comes from the export.
         model.cfg.stage = cfg.model.stage
+        model.cfg.chat_template = cfg.model.chat_template  # what SFT data was laid out with; serving reads it
         model.cfg.loss = cfg.model.loss
         model.cfg.decoder.condition_drop_prob = cfg.model.decoder.condition_drop_prob
     else:
-        model = DreamLLM(cfg.model, tokenizer)
+        # Pretrained parts load in the run's precision: a bf16 run never materialises them in fp32.
+        model = DreamLLM(cfg.model, tokenizer, load_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     apply_stage(model, cfg.model.stage)
     return model.train()
 
@@ -381,8 +394,8 @@ def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
 
 
 def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[tuple[dict[str, Any], list[int]]],
-                 state: TrainerState, position: DataPosition) -> None:
-    """Optimizer steps up to max_steps (or max_minutes): log, report, checkpoint; advances `state`."""
+                 state: TrainerState, position: DataPosition, held_out: dict[str, Any] | None = None) -> None:
+    """Optimizer steps up to max_steps (or max_minutes): log, validate, report, checkpoint; advances `state`."""
     import ray.train
 
     from dreamcore.batch import to_torch, trim_padding
@@ -406,7 +419,11 @@ def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[tuple
             stop = _any_rank(state.elapsed_s >= 60 * cfg.max_minutes)
         last = state.step >= cfg.max_steps or stop
 
-        metrics = log.write(state, position) if state.step % cfg.log_every == 0 or last else {}
+        validation = {}
+        if held_out is not None and (state.step % cfg.validation.every_steps == 0 or last):
+            validation = evaluate(w, engine, held_out)
+        logging = state.step % cfg.log_every == 0 or last or bool(validation)
+        metrics = log.write(state, position, validation) if logging else {}
         if state.step % cfg.checkpoint.every_steps == 0 or last:
             # Ray Train only keeps metrics of checkpointed reports: gather positions of all ranks.
             state.positions = _all_positions(position, w.world)
@@ -417,6 +434,45 @@ def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[tuple
             log.restart_clock()  # throughput counts training, not checkpoint/report time
         _inject_failure(w, state.step)
     log.close()
+
+
+def _held_out(cfg: TrainConfig, ref: Any) -> dict[str, Any] | None:
+    """The validation rows (an object-store ref of a SAMPLE_SCHEMA table, see job.train), decoded."""
+    if ref is None:
+        return None
+    import ray
+
+    from dreamcore.batch import decode_batch
+
+    return decode_batch(ray.get(ref).to_pydict(), cfg.model)
+
+
+def evaluate(w: Worker, engine: Any, held_out: dict[str, Any]) -> dict[str, float]:
+    """Losses on the held-out rows, in eval mode, without gradients. Every rank computes them on
+    all rows (ZeRO-3 needs every rank in each forward; the rows are few). The noise and timesteps
+    of the diffusion loss come from a fixed seed, so evaluations at different steps compare; the
+    training random streams are restored after, so validating does not change the run."""
+    from dreamcore.batch import to_torch, trim_padding
+
+    saved = rng_states()
+    torch.manual_seed(w.cfg.seed + 1_000_003)
+    n = len(held_out["input_ids"])
+    mb = w.cfg.micro_batch_size
+    sums = torch.zeros(3, dtype=torch.float64)
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, mb):
+                rows = {k: v[start:start + mb] for k, v in held_out.items()}
+                out = engine(to_torch(trim_padding(rows), w.device))
+                k = len(rows["input_ids"])
+                sums += torch.tensor([out[key].float().item() * k for key in ("loss", "lm_loss", "vm_loss")],
+                                     dtype=torch.float64)
+    finally:
+        engine.train()
+        set_rng_states(saved)
+    loss, lm, vm = (sums / n).tolist()
+    return {"val_loss": loss, "val_lm_loss": lm, "val_vm_loss": vm}
 
 
 class _StepLog:
@@ -460,7 +516,7 @@ class _StepLog:
         """Training time over all attempts of this run."""
         return self.elapsed_before + time.perf_counter() - self.t_attempt
 
-    def write(self, state: TrainerState, position: DataPosition) -> dict[str, Any]:
+    def write(self, state: TrainerState, position: DataPosition, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The metrics row of the steps since the last one (all ranks take part); rank 0 writes it
         to the metrics files and prints the progress line. The sums start again from zero.
 
@@ -487,6 +543,7 @@ class _StepLog:
         for name, r, e in zip(self.names, rows, epochs):
             metrics[f"rows_{name}"] = round(r * world)
             metrics[f"epoch_{name}"] = e
+        metrics.update(extra or {})
         if self.writer is not None:
             self.writer.write(metrics)
             done_here = state.step - self.start_step

@@ -25,7 +25,7 @@ PEAK_BF16_FLOPS = {
 
 CSV_FIELDS = [
     "step", "epoch", "loss", "lm_loss", "vm_loss", "lr", "grad_norm", "tokens_per_s", "images_per_s",
-    "samples_per_s", "step_time_s", "mfu", "elapsed_s",
+    "samples_per_s", "step_time_s", "mfu", "elapsed_s", "val_loss", "val_lm_loss", "val_vm_loss",
 ]
 
 
@@ -73,6 +73,8 @@ def progress_line(row: dict[str, Any], max_steps: int, eta_s: float) -> str:
         f"{row['tokens_per_s']:.0f} tok/s",
         f"{row['images_per_s']:.1f} img/s",
     ]
+    if "val_loss" in row:  # a validation step
+        parts.append(f"val {row['val_loss']:.4f} (lm {row['val_lm_loss']:.4f}, vm {row['val_vm_loss']:.4f})")
     if row["mfu"] is not None:  # None: the peak FLOP/s of the device is unknown (CPU)
         parts.append(f"MFU {100 * row['mfu']:.1f}%")
     parts.append(f"ETA {format_duration(eta_s)}")
@@ -116,7 +118,8 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, row["step"])
+                    group, name = ("val", key[4:]) if key.startswith("val_") else ("train", key)
+                    self._tb.add_scalar(f"{group}/{name}", value, row["step"])
             self._tb.flush()
 
     def close(self) -> None:
