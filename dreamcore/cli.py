@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("pipelines.serve.cli", "serve a checkpoint on Ray Serve (blocks)"),
     "generate": ("pipelines.generate.cli", "generate documents from a JSONL of prompts on Ray Data (--checkpoint), "
                  "or ask a served endpoint for one (--endpoint URL PROMPT, saves HTML)"),
+    "evaluate": ("pipelines.evaluate", "CLIP score and FID of a checkpoint's images, with models given by path"),
     "submit": ("pipelines.submit", "submit a stage to a Ray cluster as a job; status, logs, stop"),
 }
 # A verb with two forms: given this flag, `dreamcore generate` is the HTTP client of a served endpoint.
