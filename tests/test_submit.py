@@ -320,40 +320,100 @@ def corpus(tmp_path_factory, image_server) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", docs)
 
 
-@pytest.fixture(scope="module")
-def curated(ray_head, corpus, tmp_path_factory):
-    """One curation job through `dreamcore submit`; its driver crawls the loopback image server
-    (the `embedded` profile relaxes the SSRF guard for loopback). Returns (proc, data dir)."""
-    data = tmp_path_factory.mktemp("curated") / "data"
-    proc = dreamcore("submit", "curate", str(corpus), "--output", str(data), "--profile", "embedded",
-                     "--address", ray_head)
-    return proc, data
+RUNBOOK = REPO / "docs" / "operations.md"
+
+
+def runbook_commands() -> list[str]:
+    """The `dreamcore submit` lines of the runbook block in docs/operations.md, as written there."""
+    text = RUNBOOK.read_text()
+    block = text.split("<!-- runbook: tests/test_submit.py reads this block -->", 1)[1]
+    block = block.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("dreamcore submit ")]
+
+
+def debug_substitutions(paths: dict[str, str], head: str, port: int) -> list[tuple[str, str]]:
+    """What changes between the runbook and this machine: inputs and storage are local folders, the
+    7B preset is the debug one with its weights by path, one CPU worker for two steps per stage,
+    the loopback image server needs the embedded curation profile, the head and port are ours."""
+    weights = paths["weights"]
+    curate_tok = f"--set model_overrides.tokenizer.name_or_path={weights['tokenizer']}"
+    train_weights = " ".join(f"--set model.{k}.name_or_path={v}" for k, v in weights.items())
+    steps = "--set grad_accum=1 --set max_steps=2 --set micro_batch_size=1 --set checkpoint.every_steps=2"
+    return [
+        ("s3://acme-ml/raw/laion-pairs/", paths["pairs"]),
+        ("s3://acme-ml/raw/mmc4/*.jsonl.gz", paths["mmc4"]),
+        ("s3://acme-ml/raw/llava/llava_instruct_150k.json", paths["llava"]),
+        ("s3://acme-ml/raw/coco/train2017", paths["coco"]),
+        ("/mnt/dreamcore", paths["root"]),
+        ("dreamcore submit curate", "dreamcore submit curate --profile embedded"),
+        ("--model dreamllm-7b --set tokenize", f"--model dreamllm-debug {curate_tok} --set tokenize"),
+        ("--model dreamllm-7b --address", "--model dreamllm-debug " + curate_tok + " --address"),
+        ("--model dreamllm-7b --set image_root", f"--model dreamllm-debug {curate_tok} --set image_root"),
+        ("--model dreamllm-7b --stage", f"--model dreamllm-debug {train_weights} --stage"),
+        ("--workers 8 --gpu", "--workers 1"),
+        ("--set grad_accum=16", steps), ("--set grad_accum=2", steps),
+        ("--port 8000", f"--port {port} --no-wait"),
+        ("http://127.0.0.1:8265", head),
+    ]
 
 
 @pytest.mark.e2e
-def test_curate_then_train_as_cluster_jobs(ray_head, curated, tmp_path):
-    # 1. The curation job succeeded and wrote shards + a manifest that accounts for the documents.
-    cur, data = curated
-    assert cur.returncode == 0, cur.stdout[-4000:] + cur.stderr[-2000:]
-    job = job_id_of(cur)
-    manifest = json.loads((data / "manifest.json").read_text())
-    assert list(data.rglob("*.parquet")), "no Parquet shards written"
-    assert manifest, "empty manifest"
+def test_the_runbook_end_to_end(ray_head, corpus, tmp_path):
+    """docs/operations.md's recipe, line by line through `dreamcore submit` on a real head: curate
+    pairs (img2dataset output), documents and conversations for the debug preset (the 7B code path,
+    weights loaded from library folders); train stage I -> II (a mixture) -> SFT, each from the
+    last one's export; serve the SFT model as a job and chat with it through the `openai` client."""
+    import openai
+    from _pretrained_helpers import write_debug_weights
+    from test_stage_data import _img2dataset_output, _llava
 
-    # 2. A training job on what curation wrote: a few steps of the tiny preset, one worker.
-    run = tmp_path / "run"
-    tr = dreamcore("submit", "train", "--data", str(data), "--output", str(run), "--model", "tiny",
-                   "--workers", "1", "--set", "max_steps=2", "--set", "checkpoint.every_steps=1",
-                   "--set", "micro_batch_size=2", "--set", "log_every=1", "--address", ray_head)
-    assert tr.returncode == 0, tr.stdout[-4000:] + tr.stderr[-2000:]
-    assert "trained 2 steps" in tr.stdout
-    assert (run / "model" / "config.json").is_file()
+    from dreamcore.checkpoint import from_pretrained
 
-    # 3. Both jobs stay inspectable afterwards.
-    st = dreamcore("submit", "status", job, "--address", ray_head)
-    assert f"{job} SUCCEEDED" in st.stdout
-    logs = dreamcore("submit", "logs", job_id_of(tr), "--address", ray_head)
-    assert "trained 2 steps" in logs.stdout
+    paths = {"weights": write_debug_weights(tmp_path / "weights"), "root": str(tmp_path / "mnt"),
+             "pairs": str(_img2dataset_output(tmp_path / "pairs", "parquet")), "mmc4": str(corpus),
+             "llava": str(_llava(tmp_path / "llava")), "coco": str(tmp_path / "llava")}
+    (port,) = _free_ports(1)
+    commands = runbook_commands()
+    assert [c.split()[2] for c in commands] == ["curate"] * 3 + ["train"] * 3 + ["serve"]
+    jobs = []
+    for line in commands:
+        for old, new in debug_substitutions(paths, ray_head, port):
+            line = line.replace(old, new)
+        assert "s3://" not in line and "dreamllm-7b" not in line, line
+        proc = dreamcore(*line.split()[1:])
+        assert proc.returncode == 0, f"{line}\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+        jobs.append(job_id_of(proc))
+        if " train " in line:
+            assert "trained 2 steps" in proc.stdout
+
+    mnt = Path(paths["root"])
+    for name in ("pairs-v1", "mmc4-v1", "sft-v1"):
+        assert json.loads((mnt / "data" / name / "manifest.json").read_text())["outputs"]["samples"] > 0, name
+    model, _ = from_pretrained(mnt / "runs" / "sft-r1" / "model")
+    assert model.cfg.stage == "SFT" and model.decoder.vae_scale == 8  # the 7B code path, SFT-trained
+    assert f"{jobs[3]} SUCCEEDED" in dreamcore("submit", "status", jobs[3], "--address", ray_head).stdout
+    assert "trained 2 steps" in dreamcore("submit", "logs", jobs[5], "--address", ray_head).stdout
+
+    serve_job = jobs[-1]
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                (card,) = client.models.list().data
+                break
+            except (openai.APIConnectionError, openai.APIStatusError):
+                status = dreamcore("submit", "status", serve_job, "--address", ray_head).stdout
+                assert "RUNNING" in status or "PENDING" in status, status
+                assert time.monotonic() < deadline, "the served SFT model never answered"
+                time.sleep(2)
+        assert card.model_extra["config"]["stage"] == "SFT"  # so chat requests get its template
+        reply = client.chat.completions.create(
+            model=card.id, messages=[{"role": "user", "content": "What shape is this?"}], max_tokens=4, seed=1)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.prompt_tokens > 20
+    finally:
+        stop = dreamcore("submit", "stop", serve_job, "--address", ray_head)
+    assert stop.returncode == 2 and f"job {serve_job} STOPPED" in stop.stderr, stop.stderr
 
 
 @pytest.mark.e2e
@@ -376,38 +436,6 @@ def test_stop_a_running_job(ray_head, tmp_path):
         assert stop.returncode == 2 and f"job {job} STOPPED" in stop.stderr, stop.stderr
         assert f"{job} STOPPED" in dreamcore("submit", "status", job, "--address", ray_head).stdout
         assert not (tmp_path / "data" / "manifest.json").exists()  # it never finished
-
-
-@pytest.mark.e2e
-def test_serve_as_a_job_answers_http_until_stopped(ray_head, tmp_path):
-    """`submit serve` runs `dreamcore serve` on the cluster; it serves until the job is stopped."""
-    import urllib.request
-
-    from _serve_helpers import make_checkpoint
-
-    ckpt = make_checkpoint(tmp_path / "model")
-    (port,) = _free_ports(1)
-    sub = dreamcore("submit", "serve", "--checkpoint", str(ckpt), "--port", str(port), "--no-wait",
-                    "--address", ray_head)
-    assert sub.returncode == 0, sub.stderr
-    job = job_id_of(sub)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            status = dreamcore("submit", "status", job, "--address", ray_head).stdout
-            assert "RUNNING" in status or "PENDING" in status, status + \
-                dreamcore("submit", "logs", job, "--address", ray_head).stdout[-3000:]
-            assert time.monotonic() < deadline, "the served app never answered /healthz"
-            time.sleep(2)
-    finally:
-        stop = dreamcore("submit", "stop", job, "--address", ray_head)
-    assert stop.returncode == 2 and f"job {job} STOPPED" in stop.stderr, stop.stderr
 
 
 @pytest.mark.e2e
