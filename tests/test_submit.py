@@ -363,8 +363,13 @@ def test_the_runbook_end_to_end(ray_head, corpus, tmp_path):
     pairs (img2dataset output), documents and conversations for the debug preset (the 7B code path,
     weights loaded from library folders); train stage I -> II (a mixture) -> SFT, each from the
     last one's export; serve the SFT model as a job and chat with it through the `openai` client."""
+    import base64
+    import io
+
+    import httpx
     import openai
     from _pretrained_helpers import write_debug_weights
+    from PIL import Image
     from test_stage_data import _img2dataset_output, _llava
 
     from dreamcore.checkpoint import from_pretrained
@@ -411,6 +416,16 @@ def test_the_runbook_end_to_end(ray_head, corpus, tmp_path):
         reply = client.chat.completions.create(
             model=card.id, messages=[{"role": "user", "content": "What shape is this?"}], max_tokens=4, seed=1)
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.prompt_tokens > 20
+        # The decoder path of the export (SD-layout UNet + 8x VAE), and a document that reads an image.
+        side = card.model_extra["config"]["decoder"]["resolution"]
+        drawn = client.images.generate(model=card.id, prompt="a red circle", size=f"{side}x{side}",
+                                       response_format="b64_json", extra_body={"seed": 3})
+        png = base64.b64decode(drawn.data[0].b64_json)
+        assert Image.open(io.BytesIO(png)).size == (side, side)
+        doc = client.post("/generate", cast_to=httpx.Response, body={
+            "input": [{"type": "text", "text": "Look:"}, {"type": "image", "image": drawn.data[0].b64_json},
+                      {"type": "text", "text": "It is"}], "max_new_tokens": 6, "max_images": 1, "seed": 5}).json()
+        assert doc["finish_reason"] in ("eos", "length") and doc["usage"]["prompt_tokens"] > 16  # the image block was read
     finally:
         stop = dreamcore("submit", "stop", serve_job, "--address", ray_head)
     assert stop.returncode == 2 and f"job {serve_job} STOPPED" in stop.stderr, stop.stderr
