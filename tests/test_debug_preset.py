@@ -77,3 +77,19 @@ def test_debug_preset_loads_each_part_from_its_library_folder_and_trains(weights
     cond = model.empty_prompt_conditions()
     images = model.decoder.sample(cond.detach(), num_inference_steps=2, guidance_scale=1.0, seed=0)
     assert images.shape == (1, 3, cfg.decoder.resolution, cfg.decoder.resolution)
+
+
+def test_pretrained_parts_load_straight_into_the_runs_precision(weights):
+    """A bf16 run never materialises pretrained parts in fp32: each library loads them in bf16
+    (transformers `dtype`, diffusers `torch_dtype` with low_cpu_mem_usage), equal to the fp32
+    weights rounded once."""
+    from dreamcore.pretrained import load_components
+
+    cfg = debug_preset_from(weights)
+    half = load_components(cfg, ["llm", "vision", "decoder"], torch.bfloat16)
+    full = load_components(cfg, ["llm", "vision", "decoder"], torch.float32)
+    for name in ("llm", "vision", "decoder"):
+        params = dict(full[name].named_parameters())
+        for key, p in half[name].named_parameters():
+            assert p.dtype == torch.bfloat16, f"{name}.{key}"
+            assert torch.equal(p, params[key].to(torch.bfloat16)), f"{name}.{key}"

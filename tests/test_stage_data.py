@@ -115,6 +115,10 @@ def test_llava_conversations_read_with_roles_and_dataset_images(tmp_path):
     assert not missing["drop_stage"]  # the file is looked for by the crawl step (image_not_found)
     assert escape["reason"] == "missing_fields" and "inside it" in escape["error"]
     assert count["reason"] == "missing_fields" and "placeholder" in count["error"]
+    text_only = json.dumps({"id": "t", "image": None, "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]})
+    (row,) = parse_shard(text_only.encode(), str(tmp_path / "t.jsonl"))
+    assert not row["drop_stage"] and row["images"] == [] and row["roles"] == ["user", "assistant"]
 
 
 @pytest.fixture(scope="module")

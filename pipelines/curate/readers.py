@@ -126,7 +126,7 @@ def conversation_record(record: dict, doc_id: str, shard: str, image_root: str =
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise ValueError("field conversations is missing or not a non-empty list")
-    paths = record.get("image", [])
+    paths = record.get("image") or []  # absent or null: a text-only conversation
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ValueError("field image is not a path or a list of paths")
