@@ -25,7 +25,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 from dreamcore.config import STAGES, ConfigError, LLMConfig, ModelConfig, VisionConfig
 from dreamcore.decoder import DiffusionDecoder
@@ -66,7 +74,9 @@ def llm_from_config(cfg: LLMConfig, tokenizer: Any) -> LlamaForCausalLM:
         tie_word_embeddings=False,
     )
     conf._attn_implementation = cfg.attn_implementation
-    return LlamaForCausalLM(conf)
+    # from_config, not the constructor: under ZeRO-3 (a live HfDeepSpeedConfig, see the trainer)
+    # transformers builds the parameters straight into partitions (deepspeed.zero.Init).
+    return AutoModelForCausalLM.from_config(conf)
 
 
 def vision_from_config(cfg: VisionConfig) -> CLIPVisionModel:
@@ -78,7 +88,7 @@ def vision_from_config(cfg: VisionConfig) -> CLIPVisionModel:
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
-    return CLIPVisionModel(conf)
+    return AutoModel.from_config(conf)  # a CLIPVisionModel; from_config as for the LLM
 
 
 class DreamLLM(nn.Module):
@@ -104,6 +114,11 @@ class DreamLLM(nn.Module):
             raise ValueError(f"unknown component {unknown[0]!r}; choose from {', '.join(COMPONENTS)}")
         self.cfg = cfg
         self.components = tuple(components)
+        # ZeRO-3 gathers a module's parameters with collectives when the module runs, so every rank
+        # must run the same modules in the same order each step, whatever its batch holds. The
+        # trainer sets this under ZeRO-3: a part the batch does not need (no image to read, no image
+        # to draw, no condition dropped) then runs on a stand-in and adds an exact zero.
+        self.same_modules_on_every_rank = False
         self.special = _special_ids(tokenizer)
         modules = dict(modules or {})
         modules.update(load_components(cfg, [c for c in components if c not in modules], load_dtype))
@@ -232,10 +247,13 @@ class DreamLLM(nn.Module):
         D = embeds.shape[-1]
         flat = embeds.reshape(B * T, D)
         ib, im = (image_slots >= 0).nonzero(as_tuple=True)  # comprehension blocks
+        stand_in = 0.0  # exact zeros from parts this batch does not use (see same_modules_on_every_rank)
         if ib.numel():
             feats = self.encode_images(images[ib, im])  # (K, N, D)
             pos = _slot_positions(ib, image_slots[ib, im], self.num_patches, T)  # (K*N,)
             flat = flat.index_copy(0, pos, feats.reshape(-1, D).to(flat.dtype))
+        elif self.same_modules_on_every_rank:
+            stand_in = self.encode_images(images.new_zeros((1, *images.shape[2:]))).sum().float() * 0.0
         db, dm = (dream_slots >= 0).nonzero(as_tuple=True)  # dream blocks
         qpos = _slot_positions(db, dream_slots[db, dm], self.num_queries, T)
         if db.numel():
@@ -262,7 +280,7 @@ class DreamLLM(nn.Module):
         else:
             lm_loss = logits.sum() * 0.0
         if not ib.numel():  # no comprehension block: keep the vision side in the graph, at zero
-            lm_loss = lm_loss + _zero_touch(self._vision_params())
+            lm_loss = lm_loss + (stand_in if self.same_modules_on_every_rank else _zero_touch(self._vision_params()))
 
         # 3. Dream conditions -> diffusion loss on the images that have a dream block.
         if db.numel():
@@ -274,6 +292,14 @@ class DreamLLM(nn.Module):
             cond = self.cond_proj(h.reshape(B * T, D)[qpos].view(-1, self.num_queries, D))  # (K, Q, C)
             cond = self._drop_conditions(cond)
             vm_loss = self.decoder.loss(self.decoder_pixels(images[db, dm]), cond)
+        elif self.same_modules_on_every_rank:  # the creation path on a stand-in, at zero
+            # Its noise and timesteps come from a forked RNG: the run's random streams stay as
+            # they would be without the stand-in.
+            with torch.random.fork_rng(devices=[images.device.index or 0] if images.is_cuda else []):
+                cond = self.cond_proj(h.reshape(B * T, D)[:1].expand(self.num_queries, D).unsqueeze(0))
+                cond = self._drop_conditions(cond)
+                stand_in_pixels = self.decoder_pixels(images.new_zeros((1, *images.shape[2:])))
+                vm_loss = self.decoder.loss(stand_in_pixels, cond) * 0.0
         else:
             vm_loss = _zero_touch(self._creation_params()).float()
         loss = self.cfg.loss.lm_weight * lm_loss + self.cfg.loss.vm_weight * vm_loss
@@ -285,7 +311,7 @@ class DreamLLM(nn.Module):
         if not self.training or p <= 0:
             return cond
         drop = torch.rand(cond.shape[0], device=cond.device) < p
-        if not drop.any():
+        if not drop.any() and not self.same_modules_on_every_rank:
             return cond
         return torch.where(drop.view(-1, 1, 1), self.empty_prompt_conditions().to(cond.dtype), cond)
 
@@ -432,7 +458,8 @@ def _special_ids(tokenizer: Any) -> dict[str, int | None]:
 
 def _fit_vocab(llm: PreTrainedModel, tokenizer: Any) -> None:
     """Resize embeddings to the tokenizer (it adds DreamLLM's special tokens to the base vocab)."""
-    if llm.get_input_embeddings().weight.shape[0] != tokenizer.vocab_size:
+    weight = llm.get_input_embeddings().weight
+    if getattr(weight, "ds_shape", weight.shape)[0] != tokenizer.vocab_size:  # ds_shape: a ZeRO-3 partition
         llm.resize_token_embeddings(tokenizer.vocab_size)
 
 

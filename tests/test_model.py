@@ -66,6 +66,35 @@ def test_batch_without_dream_blocks_has_an_exact_zero_vm_loss_that_still_reaches
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
+@pytest.mark.parametrize("docs", [TEXT_ONLY, INTERLEAVED], ids=["text-only", "interleaved"])
+def test_same_modules_on_every_rank_runs_every_part_and_changes_nothing(docs):
+    """ZeRO-3 mode: whatever the batch holds, the vision tower, the LLM (twice: the batch, and the
+    empty prompt of the condition drop), the condition projector and the UNet each run, so every
+    rank gathers the same partitions; losses, gradients and the random stream equal the plain mode's."""
+    results = []
+    for uniform in (False, True):
+        model, tok = debug_model(debug_config(decoder={"condition_drop_prob": 0.1}))
+        model.same_modules_on_every_rank = uniform
+        calls: dict[str, int] = {}
+        for name in ("vision", "llm.model", "cond_proj", "decoder.unet"):
+            model.get_submodule(name).register_forward_hook(
+                lambda *_, name=name, calls=calls: calls.__setitem__(name, calls.get(name, 0) + 1))
+        torch.manual_seed(3)
+        out = model(make_batch(model.cfg, tok, docs))
+        out["loss"].backward()
+        after = torch.rand(4)  # the random stream after the step
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, calls, after, grads))
+    (plain, plain_calls, plain_rng, plain_grads), (uniform, calls, rng, grads) = results
+    assert calls == {"vision": 1, "llm.model": 2, "cond_proj": 2, "decoder.unet": 1}, calls
+    for key in ("loss", "lm_loss", "vm_loss"):
+        torch.testing.assert_close(uniform[key], plain[key], rtol=0, atol=0)
+    assert torch.equal(rng, plain_rng)
+    assert grads.keys() == plain_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
 def test_condition_drop_replaces_conditions_by_the_empty_prompt():
     cfg = debug_config(decoder={"condition_drop_prob": 1.0})
     model, tok = debug_model(cfg)

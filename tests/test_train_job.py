@@ -70,16 +70,19 @@ def test_local_mode_trains_and_exports(straight_run):
     assert model.cfg.max_seq_len == 64 and tokenizer.vocab_size == model.llm.config.vocab_size
 
 
-def test_zero3_matches_zero2_and_restarts_from_its_own_checkpoint(ray_session, data_dir, tmp_path):
-    """Two workers, 10 steps: ZeRO-2 straight, and ZeRO-3 (parameters partitioned across the
-    workers) with rank 0 dying once after step 6, Ray Train restarting both from the ZeRO-3
-    checkpoint of step 5. Every step's losses agree within 1e-5 relative (the same math on other
-    partitions; measured 1e-7), the replayed step 6 included; both exports hold the same model."""
+def test_zero3_matches_zero2_and_restarts_from_its_own_checkpoint(ray_session, data_dir, straight_run, tmp_path):
+    """Two workers, 10 steps from the same exported weights: ZeRO-2 straight, and ZeRO-3 (the LLM
+    and CLIP loaded straight into partitions by transformers under zero.Init, the rest partitioned
+    at initialize; every rank running the same modules each step) with rank 0 dying once after
+    step 6, Ray Train restarting both from the ZeRO-3 checkpoint of step 5. Every step's losses
+    agree within 1e-5 relative (the same math on other partitions; measured 1e-7), the replayed
+    step 6 included; both exports hold the same model."""
     import torch
 
     from dreamcore.checkpoint import from_pretrained
 
-    common = ("max_steps=10", "checkpoint.every_steps=5", "checkpoint.keep=2")
+    # From one export: under zero.Init transformers initialises a model from config its own way.
+    common = ("max_steps=10", "checkpoint.every_steps=5", "checkpoint.keep=2", f"init_from={straight_run / 'model'}")
     train(_cfg(*common, "deepspeed.zero_stage=2", "scaling.max_failures=0", workers=2), data_dir, tmp_path / "z2")
     run = tmp_path / "z3"
     result = train(_cfg(*common, "deepspeed.zero_stage=3", "debug.fail_at_step=6", "scaling.max_failures=1",
@@ -106,6 +109,38 @@ def test_zero3_matches_zero2_and_restarts_from_its_own_checkpoint(ray_session, d
     print(f"ZeRO-3 vs ZeRO-2 export: median |diff| {diffs.median().item():.2e}, "
           f"99th pct {diffs.quantile(0.99).item():.2e}, max {diffs.max().item():.2e}")
     assert diffs.median().item() <= 1e-5 and diffs.max().item() <= 1e-2
+
+
+def test_zero3_builds_the_llm_and_clip_straight_into_partitions(data_dir, straight_run):
+    """Under ZeRO-3 the trainer keeps transformers' HfDeepSpeedConfig alive while it builds the
+    model: the LLM and the CLIP tower come out of from_config / from_pretrained already partitioned
+    (zero.Init), so no rank holds them whole; the decoder is partitioned later, at initialize."""
+    import deepspeed
+    import torch
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from dreamcore.tokenizer import DreamTokenizer
+    from pipelines.train.deepspeed_config import deepspeed_config
+    from pipelines.train.loop import _forget_deepspeed_groups, _init_process_group, build_model
+
+    tok = DreamTokenizer.from_pretrained(data_dir / "tokenizer")
+    from_config = _cfg("deepspeed.zero_stage=3", workers=0)
+    from_export = _cfg("deepspeed.zero_stage=3", f"init_from={straight_run / 'model'}", workers=0)
+    own_group = _init_process_group(gpu=False)
+    hf_zero3: list = []  # transformers' ZeRO-3 mode lasts while this holds the config (a weak reference)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+        hf_zero3.append(HfDeepSpeedConfig(deepspeed_config(from_config, 1)))
+        for cfg in (from_config, from_export):
+            model = build_model(cfg, tok)
+            for part in (model.llm, model.vision):
+                assert all(hasattr(p, "ds_shape") and p.numel() == 0 for p in part.parameters())
+            assert not any(hasattr(p, "ds_shape") for p in model.decoder.parameters())
+    finally:
+        hf_zero3.clear()
+        if own_group:
+            torch.distributed.destroy_process_group()
+        _forget_deepspeed_groups()
 
 
 def test_resume_reproduces_the_uninterrupted_run(straight_run, data_dir, tmp_path):

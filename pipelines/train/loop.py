@@ -81,6 +81,7 @@ class Worker:
     device: torch.device
     own_group: bool  # the loop created the process group (local mode) and destroys it at the end
     threads_before: int  # torch threads of the caller's process, given back in local mode
+    hf_deepspeed_config: Any = None  # ZeRO-3: transformers' HfDeepSpeedConfig, alive for the run
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +148,7 @@ def _quiet_ray_train_reports() -> None:
 
 def _teardown_worker(w: Worker) -> None:
     """Undo what `_setup_worker` changed in the process, when the loop ran in the caller's (local mode)."""
+    w.hf_deepspeed_config = None  # transformers' ZeRO-3 mode ends with the run (it holds a weak reference)
     if w.own_group:
         dist.destroy_process_group()
         torch.set_num_threads(w.threads_before)
@@ -243,11 +245,23 @@ def _build_engine(w: Worker, data_dir: Path) -> tuple[Any, Any, Any]:
     cfg = w.cfg
     tokenizer = DreamTokenizer.from_pretrained(data_dir / "tokenizer")
     ds_config = deepspeed_config(cfg, w.world)
-    # ZeRO-3 partitions the model at deepspeed.initialize, after each rank built it whole (in the
-    # run's precision, see build_model). Building straight into partitions (deepspeed.zero.Init)
-    # is not used: on gloo it hung in the first steps and it changes the random init (see the
-    # issue-15 note).
+    if cfg.deepspeed.zero_stage == 3:
+        # While this object lives, transformers builds and loads the LLM and the CLIP tower straight
+        # into ZeRO-3 partitions (deepspeed.zero.Init; from_config and from_pretrained alike), so no
+        # rank holds the whole LLM; DeepSpeed partitions the rest (projectors, UNet, VAE) at
+        # initialize. Kept for the run, as HF's Trainer keeps its own. zero.Init reads the world
+        # from deepspeed.comm: point it at this process group first.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        w.hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
+    # From an export, the run's random streams start where the seed put them, however the parts
+    # were loaded (under ZeRO-3, zero.Init draws while it initialises the partitions it then loads).
+    before = rng_states() if cfg.init_from else None
     model = build_model(cfg, tokenizer)
+    if before is not None:
+        set_rng_states(before)
+    model.same_modules_on_every_rank = cfg.deepspeed.zero_stage == 3
     if cfg.precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     params = trainable_parameters(model)
