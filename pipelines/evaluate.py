@@ -9,6 +9,7 @@
   that maps uint8 NCHW images to features, as StyleGAN3's / clean-fid's `inception-2015-12-05.pt`
   does. FID on a few hundred images is biased upward; compare runs at the same count.
 
+The checkpoint runs on the GPU in bf16 when one is visible, else on the CPU in its own precision.
 Images are drawn by the one generation engine (`dreamcore.generate.text_to_images`), caption i with
 seed `--seed` + i, and saved under OUT/images/. A metric whose model is not configured is reported
 as not configured, with the option that would enable it; nothing is downloaded. OUT/evaluation.json
@@ -167,7 +168,11 @@ def evaluate(checkpoint: str, prompts: Sequence[str], output: str | Path, clip: 
         raise EvaluationError("FID needs both --fid-reference FOLDER and --inception PATH")
     reference = read_images(fid_reference) if fid_reference else None
     net = load_inception(inception) if inception else None
-    model, tokenizer = from_pretrained(checkpoint)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = from_pretrained(checkpoint, device=device,
+                                       dtype=torch.bfloat16 if device == "cuda" else None)
     model.eval()
     engine = TextEngine(model, tokenizer)
     images: list[Image.Image] = []

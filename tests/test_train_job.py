@@ -192,6 +192,16 @@ def test_validation_split_is_the_last_rows_and_never_all_of_them(data_dir):
         held_out_split(files, total, "d")
 
 
+def test_too_few_rows_per_worker_is_one_error_before_any_worker_starts(data_dir, tmp_path):
+    """48 rows, 2 workers: 24 each, less than a micro-batch of 32. The driver says so at once,
+    instead of every worker failing and Ray Train retrying the group."""
+    from dreamcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match="48 training rows give each of 2 worker.s. 24, less than one micro-batch of 32"):
+        train(_cfg("micro_batch_size=32", "scaling.max_failures=2", workers=2), data_dir, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_decoded_size_estimate_matches_the_decoded_data(data_dir):
     """The cache decision reads footers + a few rows; the estimate equals a full decode here."""
     import pyarrow.parquet as pq

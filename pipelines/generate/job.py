@@ -259,6 +259,27 @@ class ImageRound:
         return encode_rows(rows)
 
 
+def free_cpus(cfg: GenerateConfig, rounds: int, wait_s: float = 30.0) -> float:
+    """The cluster's free CPUs. Actors of a Ray Data run that just ended (an earlier call in this
+    driver) give their CPUs back a moment later: while the pools would fit the whole cluster but
+    not what is free now, wait for them (at most `wait_s`) instead of refusing the run."""
+    total = float(ray.cluster_resources().get("CPU", 0))
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = float(ray.available_resources().get("CPU", 0))
+        try:
+            cfg.stage_cpus(rounds, free)
+            return free
+        except ConfigError:
+            try:
+                cfg.stage_cpus(rounds, total)
+            except ConfigError:
+                return free  # it would not fit an idle cluster either: the caller reports it
+            if time.monotonic() > deadline:
+                return free
+        time.sleep(0.5)
+
+
 def build_pipeline(rows: list[DocRow], cfg: GenerateConfig, rounds: int, cluster_cpus: float) -> ray.data.Dataset:
     """from_items -> text 0 -> image 0 -> ... -> text `rounds` (nothing runs until it is consumed)."""
     llm_cpus, dec_cpus = cfg.stage_cpus(rounds, cluster_cpus)
@@ -473,7 +494,7 @@ def generate(input_path: str | Path, output: str | Path, config: GenerateConfig,
     ray_init(address)
     rounds = max(p.params.max_images for p in pending)
     try:
-        ds = build_pipeline(to_rows(pending), cfg, rounds, float(ray.available_resources().get("CPU", 0)))
+        ds = build_pipeline(to_rows(pending), cfg, rounds, free_cpus(cfg, rounds))
     except ConfigError as e:
         raise GenerateError(str(e)) from None
     token = uuid.uuid4().hex[:8]

@@ -177,12 +177,28 @@ def build_dataset(files: Sequence[str | Path], model: ModelConfig, decode_batch_
     )
 
 
-def held_out_split(files: Sequence[str | Path], rows: int, where: str) -> int:
-    """Rows of `files` left to training when the last `rows` are held out for validation."""
+def count_rows(files: Sequence[str | Path]) -> int:
+    """Rows of the shards, from their Parquet footers."""
     total = 0
     for f in files:
         with open_parquet(f) as pf:
             total += pf.metadata.num_rows
+    return total
+
+
+def check_rows_per_worker(folder: str, rows: int, workers: int, micro_batch_size: int) -> None:
+    """Ray Train splits each dataset equally (the remainder dropped): every worker needs one whole
+    micro-batch of every folder per epoch. Checked on the driver, before any worker starts."""
+    if rows // workers < micro_batch_size:
+        raise ConfigError(
+            f"--data {folder}: {rows} training rows give each of {workers} worker(s) {rows // workers}, less "
+            f"than one micro-batch of {micro_batch_size}; use fewer workers, a smaller micro_batch_size, or "
+            "more data")
+
+
+def held_out_split(files: Sequence[str | Path], rows: int, where: str) -> int:
+    """Rows of `files` left to training when the last `rows` are held out for validation."""
+    total = count_rows(files)
     if rows >= total:
         raise ConfigError(f"validation.rows={rows} would hold out all {total} rows of {where}; "
                           "lower it (or curate more data)")

@@ -35,6 +35,8 @@ from pipelines.train.config import MixtureEntry, TrainConfig
 from pipelines.train.data import (
     build_dataset,
     check_data_folder,
+    check_rows_per_worker,
+    count_rows,
     dataset_key,
     decoded_size_mib,
     held_out_split,
@@ -196,6 +198,9 @@ def train(
     _check_same_mixture(cfg, run)
     validating = cfg.validation.every_steps > 0
     training_rows = held_out_split(files[0], cfg.validation.rows, folders[0]) if validating else None
+    for i, (folder, folder_files) in enumerate(zip(folders, files)):
+        rows = training_rows if i == 0 and validating else count_rows(folder_files)
+        check_rows_per_worker(folder, rows, max(1, cfg.scaling.workers), cfg.micro_batch_size)
     if cfg.init_from and not storage.is_dir(cfg.init_from):
         raise ConfigError(f"init_from={cfg.init_from}: no such folder; give the model/ folder of the previous stage")
 
