@@ -54,18 +54,10 @@ def template(name: str) -> ChatTemplate:
     return TEMPLATES[name]
 
 
+@dataclass(frozen=True)
 class EndOfTurn:
     """A prompt part (serving): the EOS that closed an earlier assistant turn, as in training.
     The engine lays it out as the tokenizer's EOS id; text cannot spell it."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, EndOfTurn)
-
-    def __hash__(self) -> int:
-        return hash(EndOfTurn)
-
-    def __repr__(self) -> str:
-        return "EndOfTurn()"
 
 
 def chat_segments(name: str, turns: Sequence[tuple[str, Part]], generation_prompt: bool = False) -> list[Segment]:

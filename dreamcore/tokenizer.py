@@ -433,8 +433,8 @@ class DreamTokenizer:
         conversation is cut at a token boundary, whole blocks only."""
         from dreamcore.chat import chat_segments
 
-        segments = chat_segments(template, [(r, p) for r, p in zip([r for r, _ in turns],
-                                                                    self._check_parts([p for _, p in turns]))])
+        roles, parts = [r for r, _ in turns], self._check_parts([p for _, p in turns])
+        segments = chat_segments(template, list(zip(roles, parts)))
         if not any(s.kind in ("target", "draw") for s in segments):
             raise EmptyDocumentError("conversation has no assistant text or image; nothing to train on")
         tokens = iter(self._tokenize_parts([s.value for s in segments if isinstance(s.value, str)]))

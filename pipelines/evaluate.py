@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dreamcore.synthetic import Z95
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-Z95 = 1.959964
 
 
 class EvaluationError(ValueError):
@@ -148,7 +149,13 @@ def read_images(folder: str | Path) -> list[Image.Image]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise EvaluationError(f"--fid-reference {folder}: holds no {', '.join(IMAGE_SUFFIXES)} images")
-    return [Image.open(p).convert("RGB") for p in files]
+    images = []
+    for p in files:
+        try:
+            images.append(Image.open(p).convert("RGB"))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise EvaluationError(f"--fid-reference {folder}: {p.name} is not a readable image ({e})") from None
+    return images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +171,8 @@ def evaluate(checkpoint: str, prompts: Sequence[str], output: str | Path, clip: 
     from dreamcore.engine import TextEngine
     from dreamcore.generate import text_to_images
 
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size {batch_size}: give 1 or more prompts per engine batch")
     if (fid_reference is None) != (inception is None):
         raise EvaluationError("FID needs both --fid-reference FOLDER and --inception PATH")
     reference = read_images(fid_reference) if fid_reference else None

@@ -91,6 +91,13 @@ def test_bad_inputs_are_one_clear_line(models, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert dreamcore([*base, "--clip", str(tmp_path)]) == 2
     assert "--clip=" in capsys.readouterr().err
+    assert dreamcore([*base, "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err
+    broken = tmp_path / "ref"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    assert dreamcore([*base, "--fid-reference", str(broken), "--inception", str(models["inception"])]) == 2
+    assert "a.png is not a readable image" in capsys.readouterr().err
 
 
 def test_frechet_distance_is_zero_for_one_distribution_and_grows_with_a_shift(models):

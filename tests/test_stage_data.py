@@ -76,6 +76,14 @@ def test_img2dataset_output_reads_as_caption_pairs_with_their_bytes(tmp_path, ou
         assert row["reason"] == "no_image_column" and "--output_format parquet" in row["error"]
 
 
+def test_a_damaged_webdataset_shard_keeps_what_precedes_the_damage(tmp_path):
+    data = (_img2dataset_output(tmp_path, "webdataset") / "00000.tar").read_bytes()
+    rows = parse_shard(data[:10240], "x/00000.tar")  # cut inside the second sample
+    assert [(r["doc_id"], r["reason"]) for r in rows] == [("00000.tar:000000000", ""),
+                                                         ("00000.tar:tail", "truncated_tar")]
+    assert [r["reason"] for r in parse_shard(b"not a tar" * 100, "x/g.tar")] == ["unreadable_tar"]
+
+
 def _llava(folder: Path) -> Path:
     """LLaVA-style instruction data: a JSON array, images relative to the file's folder."""
     (folder / "coco").mkdir(parents=True, exist_ok=True)
@@ -119,6 +127,40 @@ def test_llava_conversations_read_with_roles_and_dataset_images(tmp_path):
         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]})
     (row,) = parse_shard(text_only.encode(), str(tmp_path / "t.jsonl"))
     assert not row["drop_stage"] and row["images"] == [] and row["roles"] == ["user", "assistant"]
+
+
+def test_conversation_images_stay_in_their_turn_under_every_placement(tmp_path):
+    """similarity.placement matrix / clip re-assign web documents' images; a conversation's image
+    belongs to the turn that holds it and is never moved (nor dropped for a missing matrix)."""
+    from pipelines.curate.config import SimilarityConfig
+    from pipelines.curate.similarity import SimilarityStage
+
+    path = _llava(tmp_path)
+    draw = parse_shard(path.read_bytes(), str(path))[1]
+    before = [im["matched_text_index"] for im in draw["images"]]
+    (after,) = SimilarityStage(SimilarityConfig(placement="matrix"))([draw])
+    assert [(im["matched_text_index"], im["drop_stage"]) for im in after["images"]] == [(i, "") for i in before]
+
+
+def test_a_conversation_image_without_its_text_is_dropped_with_a_reason(tok, tmp_path):
+    from pipelines.curate.tokenize import encode_doc
+
+    path = _llava(tmp_path)
+    q0 = parse_shard(path.read_bytes(), str(path))[0]
+    q0["images"][0].update(matched_text_index=99, data=image_bytes("PNG", (16, 16), 1))
+    out = encode_doc(tok, q0, tiny())
+    assert out["images"][0]["reason"] == "matched_text_index_out_of_range" and out["enc_images"] == []
+    assert not out["drop_stage"]  # the text turns still train
+    assert [t for t in out["enc_labels"] if t != IGNORE_INDEX] == (
+        tok.encode_text("A red square.") + [tok.eos_id] + tok.encode_text("Red.") + [tok.eos_id])
+
+
+def test_only_sft_checkpoints_get_their_chat_template():
+    from pipelines.serve.openai_api import chat_template_of
+
+    assert chat_template_of({"stage": "SFT", "chat_template": "vicuna_v1"}) == "vicuna_v1"
+    assert chat_template_of({"stage": "SFT"}) == "vicuna_v1"  # checkpoints from before the field
+    assert chat_template_of({"stage": "II", "chat_template": "vicuna_v1"}) is None
 
 
 @pytest.fixture(scope="module")

@@ -318,10 +318,10 @@ def parse_webdataset(data: bytes, shard: str) -> list[dict]:
                 f = tar.extractfile(member)
                 samples.setdefault(key, {})[ext.lower()] = f.read() if f is not None else b""
     except (tarfile.TarError, EOFError, OSError) as e:
-        rows = [_dropped(f"{name}:file", shard, "unreadable_tar", str(e))] if not samples else []
-        if samples:  # the members before the damage are kept; the rest is one drop row
-            rows.append(_dropped(f"{name}:tail", shard, "truncated_tar", str(e)))
-        return _webdataset_rows(samples, name, shard) + rows
+        if not samples:
+            return [_dropped(f"{name}:file", shard, "unreadable_tar", str(e))]
+        # The samples before the damage are kept; the rest of the shard is one drop row.
+        return _webdataset_rows(samples, name, shard) + [_dropped(f"{name}:tail", shard, "truncated_tar", str(e))]
     return _webdataset_rows(samples, name, shard)
 
 

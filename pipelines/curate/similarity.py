@@ -174,7 +174,8 @@ class SimilarityStage:
 
     def place(self, doc: dict) -> None:
         """One kept document, in place (the per-document step; tests call it without Ray)."""
-        if self.cfg.placement == "source":
+        if self.cfg.placement == "source" or doc.get("roles"):
+            # A conversation's images belong to the turn that holds them: never re-assigned.
             apply_source_placement(doc, self.threshold)
             return
         matrix = doc["similarity"]

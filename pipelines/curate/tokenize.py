@@ -37,6 +37,11 @@ def encode_doc(tok: DreamTokenizer, doc: dict, mcfg: ModelConfig) -> dict:
     kept = [i for i, img in enumerate(doc["images"]) if not img["drop_stage"]]
     try:
         if doc.get("roles"):
+            n = len(doc["texts"])
+            for i in [i for i in kept if not 0 <= doc["images"][i]["matched_text_index"] < n]:
+                drop_image(doc["images"][i], STAGE, "matched_text_index_out_of_range",
+                           f"matched_text_index {doc['images'][i]['matched_text_index']} outside the {n} turns' texts")
+            kept = [i for i in kept if not doc["images"][i]["drop_stage"]]
             enc: EncodedDocument = tok.encode_conversation(
                 conversation_turns(doc, kept), mcfg.chat_template, max_len=mcfg.max_seq_len,
                 max_images=mcfg.images_per_sample)

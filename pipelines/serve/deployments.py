@@ -59,6 +59,7 @@ from pipelines.serve.openai_api import (
     ChatPlan,
     ImageGenerationRequest,
     ImagesResponseOut,
+    chat_template_of,
     check_chat,
     check_image_generation,
     from_request_error,
@@ -557,10 +558,9 @@ class Ingress:
         """OpenAI's chat completions: the messages are the document prompt; the answer interleaves
         text and `image_url` parts (streamed as `chat.completion.chunk` events when `stream`)."""
         info = await self._model_info()
-        model_cfg = info["config"]
-        template = model_cfg.get("chat_template", "vicuna_v1") if model_cfg.get("stage") == "SFT" else None
         plan = check_chat(body, info["id"], self.cfg.limits, self.cfg.defaults, info["num_inference_steps"],
-                          info["guidance_scale"], seed=secrets.randbelow(2**31), chat_template=template)
+                          info["guidance_scale"], seed=secrets.randbelow(2**31),
+                          chat_template=chat_template_of(info["config"]))
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         chat = ChatCompletionBuilder(rid, int(time.time()), info["id"], plan.stop)
         doc = Document(plan.prompt, plan.params)

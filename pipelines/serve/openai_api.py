@@ -242,6 +242,12 @@ def chat_to_generate(req: ChatCompletionRequest) -> tuple[GenerateRequest, list[
     return native, roles, fields
 
 
+def chat_template_of(model_config: dict[str, Any]) -> str | None:
+    """The chat template a served checkpoint was trained with (its config.json "model"): an SFT
+    checkpoint's, else None (stages I and II continue documents)."""
+    return model_config.get("chat_template", "vicuna_v1") if model_config.get("stage") == "SFT" else None
+
+
 def chat_prompt(parts: list[Any], roles: list[str], template: str | None) -> list[Any]:
     """Checked input parts -> the document prompt. Without a template (a model that continues
     documents) the parts in order, assistant images as drawn ones; with one (a model trained on

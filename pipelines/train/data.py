@@ -226,10 +226,7 @@ def decoded_size_mib(files: Sequence[str | Path], model: ModelConfig, sample_row
     Reads only Parquet footers plus `sample_rows` rows, so it is cheap on any corpus size."""
     from dreamcore.batch import decode_batch
 
-    rows = 0
-    for f in files:
-        with open_parquet(f) as pf:
-            rows += pf.metadata.num_rows
+    rows = count_rows(files)
     if rows == 0:
         return 0.0
     with open_parquet(files[0]) as first:

@@ -435,7 +435,7 @@ def _train_steps(w: Worker, engine: Any, scheduler: Any, batches: Iterator[tuple
 
         validation = {}
         if held_out is not None and (state.step % cfg.validation.every_steps == 0 or last):
-            validation = evaluate(w, engine, held_out)
+            validation = validation_losses(w, engine, held_out)
         logging = state.step % cfg.log_every == 0 or last or bool(validation)
         metrics = log.write(state, position, validation) if logging else {}
         if state.step % cfg.checkpoint.every_steps == 0 or last:
@@ -461,7 +461,7 @@ def _held_out(cfg: TrainConfig, ref: Any) -> dict[str, Any] | None:
     return decode_batch(ray.get(ref).to_pydict(), cfg.model)
 
 
-def evaluate(w: Worker, engine: Any, held_out: dict[str, Any]) -> dict[str, float]:
+def validation_losses(w: Worker, engine: Any, held_out: dict[str, Any]) -> dict[str, float]:
     """Losses on the held-out rows, in eval mode, without gradients. Every rank computes them on
     all rows (ZeRO-3 needs every rank in each forward; the rows are few). The noise and timesteps
     of the diffusion loss come from a fixed seed, so evaluations at different steps compare; the
