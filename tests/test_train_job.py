@@ -192,6 +192,43 @@ def test_validation_split_is_the_last_rows_and_never_all_of_them(data_dir):
         held_out_split(files, total, "d")
 
 
+def test_workers_of_one_host_restore_one_remote_checkpoint_side_by_side(tmp_path):
+    """Eight workers of a node read one object-store checkpoint at once: each gets the whole
+    checkpoint in a folder of its own, removed after (Ray's shared download folder made the
+    multi-node fault test fail once: one worker deleted it while another waited)."""
+    import threading
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from pipelines.train.loop import STATE_FILE, checkpoint_dir, checkpoint_text
+
+    # A filesystem that is not pyarrow's LocalFileSystem is what Ray treats as remote (S3, GCS).
+    (tmp_path / "bucket" / "ckpt" / "ds").mkdir(parents=True)
+    (tmp_path / "bucket" / "ckpt" / STATE_FILE).write_text('{"step": 5}')
+    (tmp_path / "bucket" / "ckpt" / "ds" / "mp_rank_00.pt").write_bytes(b"x" * 100_000)
+    checkpoint = Checkpoint("bucket/ckpt", filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()))
+    seen, errors = [], []
+
+    def restore() -> None:
+        try:
+            with checkpoint_dir(checkpoint) as d:
+                seen.append((d, (d / STATE_FILE).read_text(), (d / "ds" / "mp_rank_00.pt").stat().st_size))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=restore) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len({d for d, _, _ in seen}) == 8
+    assert {(text, size) for _, text, size in seen} == {('{"step": 5}', 100_000)}
+    assert not any(d.exists() for d, _, _ in seen)
+    assert checkpoint_text(checkpoint, STATE_FILE) == '{"step": 5}'
+    assert checkpoint_text(checkpoint, "absent.json") == ""
+
+
 def test_too_few_rows_per_worker_is_one_error_before_any_worker_starts(data_dir, tmp_path):
     """48 rows, 2 workers: 24 each, less than a micro-batch of 32. The driver says so at once,
     instead of every worker failing and Ray Train retrying the group."""

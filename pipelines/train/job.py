@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import yaml
 
 from dreamcore import storage
@@ -44,7 +43,7 @@ from pipelines.train.data import (
     read_manifest,
 )
 from pipelines.train.deepspeed_config import deepspeed_config
-from pipelines.train.loop import say, train_loop_per_worker
+from pipelines.train.loop import checkpoint_text, say, train_loop_per_worker
 from pipelines.train.metrics import METRICS_DIRS, METRICS_FILES
 
 # Environment every worker needs (DeepSpeed picks its accelerator from DS_ACCELERATOR at import).
@@ -366,7 +365,7 @@ def _fetch_metrics(run: str, stage: Path, checkpoint: Any = None) -> None:
     for name in METRICS_FILES:
         (stage / name).unlink(missing_ok=True)
         copies = [storage.read_text(storage.join(run, name)) if storage.is_file(storage.join(run, name)) else "",
-                  _checkpoint_text(checkpoint, name)]
+                  checkpoint_text(checkpoint, name)]
         text = max(copies, key=len)
         if text:
             (stage / name).write_text(text)
@@ -374,19 +373,6 @@ def _fetch_metrics(run: str, stage: Path, checkpoint: Any = None) -> None:
         shutil.rmtree(stage / name, ignore_errors=True)
         if storage.list_files(storage.join(run, name)):
             storage.download_dir(storage.join(run, name), stage / name)
-
-
-def _checkpoint_text(checkpoint: Any, name: str) -> str:
-    """One small file of a Ray Train checkpoint, read where it lies ("" if absent): not the whole
-    checkpoint, whose model and optimizer states the loop downloads once, later."""
-    if checkpoint is None:
-        return ""
-    path = f"{checkpoint.path.rstrip('/')}/{name}"
-    fs = checkpoint.filesystem
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return ""
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
 
 
 def _publish_metrics(stage: Path, run: str) -> None:

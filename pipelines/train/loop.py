@@ -10,6 +10,7 @@ scheduler and RNG from the checkpoint, 5. the step loop with progress/metrics/ch
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -211,9 +212,42 @@ def read_state() -> tuple[TrainerState, Any]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainerState(), None
-    with checkpoint.as_directory() as d:
-        state = TrainerState(**json.loads((Path(d) / STATE_FILE).read_text()))
-    return state, checkpoint
+    return TrainerState(**json.loads(checkpoint_text(checkpoint, STATE_FILE))), checkpoint
+
+
+def checkpoint_text(checkpoint: Any, name: str) -> str:
+    """One small file of a Ray Train checkpoint, read where it lies ("" if absent): not the whole
+    checkpoint, whose model and optimizer states `restore_engine` downloads once."""
+    import pyarrow.fs as pafs
+
+    if checkpoint is None:
+        return ""
+    path = f"{checkpoint.path.rstrip('/')}/{name}"
+    fs = checkpoint.filesystem
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return ""
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+@contextlib.contextmanager
+def checkpoint_dir(checkpoint: Any) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local folder: the checkpoint itself when it is local, else a
+    download of this process's own. Not `Checkpoint.as_directory`: its download folder is shared by
+    every process of a host, and when one worker has read it and deleted it while another waited
+    on its lock, the other fails ("Checkpoint directory ... does not exist"); several workers on
+    one node restoring one checkpoint hit that."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    local = Path(tempfile.mkdtemp(prefix="dreamcore-checkpoint-"))
+    try:
+        checkpoint.to_directory(str(local))
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _start_batches(w: Worker, position: DataPosition) -> tuple[Iterator[tuple[dict[str, Any], list[int]]], Future]:
@@ -395,8 +429,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def restore_engine(engine: Any, checkpoint: Any, rank: int) -> None:
     """Model, optimizer and LR scheduler from DeepSpeed's files; this rank's RNG state."""
-    with checkpoint.as_directory() as d:
-        d = Path(d)
+    with checkpoint_dir(checkpoint) as d:
         engine.load_checkpoint(str(d), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         rng_file = d / f"rng_rank{rank}.pt"
         if rng_file.exists():  # absent if the world size grew: those ranks start a fresh stream
