@@ -901,17 +901,23 @@ CHANCE_COLOUR_SHAPE = CHANCE["colour"] * CHANCE["shape"]  # 1/18
 FIGURE_LABELS: dict[str, str] = {
     "image_colour": "text->image colour",
     "image_shape": "text->image shape",
+    "image_shape_small": "text->image shape, small ones",
+    "image_shape_large": "text->image shape, large ones",
     "image_size": "text->image size",
     "image_position": "text->image position",
     "image_all": "text->image all four",
     "caption_colour": "image->text colour",
     "caption_shape": "image->text shape",
+    "caption_shape_small": "image->text shape, small ones",
+    "caption_shape_large": "image->text shape, large ones",
     "caption_size": "image->text size",
     "caption_position": "image->text position",
     "caption_colour_shape": "image->text colour+shape",
     "caption_all": "image->text all four",
     "story_colour": "story image 2+ colour",
     "story_shape": "story image 2+ shape",
+    "story_shape_small": "story image 2+ shape, small ones",
+    "story_shape_large": "story image 2+ shape, large ones",
     "story_size": "story image 2+ size",
     "story_position": "story image 2+ position",
     "story_all": "story image 2+ all four",
@@ -963,6 +969,9 @@ class _Collector:
         for a, t, r in zip(ATTRIBUTES, truth, read):
             self.add(f"{task}_{a}", r == t, CHANCE[a])
             table[a][t][r if r is not None else "none"] += 1
+        # Shape by size: at the tiny decoder's 16 px a small circle and a small square differ by
+        # under a pixel at the corners, so the shape figure is mostly how those two are told apart.
+        self.add(f"{task}_shape_{truth.size}", read.shape == truth.shape, CHANCE["shape"])
         self.add(f"{task}_all", read == truth, CHANCE_ALL)
 
     def example(self, task: str, **fields: Any) -> None:
@@ -979,6 +988,7 @@ class QualityReport:
 
     figures (`FIGURE_LABELS` says what each measures; only the tasks that ran are present):
     - image_*: text -> image, one prompt, one image read by `score_image_all` (n = num_prompts);
+      <task>_shape_small / _large: the shape figure of the cases whose true size is small / large;
     - caption_*: image -> text, the first sentence read by `read_caption` (n = num_images);
     - story_*: held-out stories whose change sentences are given; the model draws every image
       and writes the sentence after it. Images 2+ against what the text implies (n = num_stories

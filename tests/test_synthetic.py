@@ -375,6 +375,10 @@ def test_evaluate_scores_a_model_end_to_end():
                   "free_story_drew": 2}
     for name, n in expected_n.items():
         assert f[name].n == n, name
+    for task in ("image", "caption", "story"):  # shape split by the true size: the two parts make the whole
+        parts = [f[k] for k in (f"{task}_shape_small", f"{task}_shape_large") if k in f]
+        assert sum(p.n for p in parts) == f[f"{task}_shape"].n and sum(p.hits for p in parts) == f[f"{task}_shape"].hits
+        assert all(p.chance == pytest.approx(1 / 3) for p in parts)
     assert set(f) <= set(syn.FIGURE_LABELS)
     for name, fig in f.items():
         assert 0.0 <= fig.low <= fig.value <= fig.high <= 1.0, name
@@ -463,3 +467,14 @@ def test_tiny_preset_decoder_predicts_v():
     from dreamcore.config import tiny
 
     assert tiny().decoder.prediction_type == "v_prediction"
+
+
+def test_shape_is_also_scored_by_the_true_size():
+    """A small square read as a circle counts against the small shapes only (the report's split)."""
+    col = syn._Collector(num_examples=0)
+    col.attributes("image", syn.Attributes("red", "square", "small", "left"), syn.Attributes("red", "circle", "small", "left"))
+    col.attributes("image", syn.Attributes("red", "square", "large", "left"), syn.Attributes("red", "square", "large", "left"))
+    f = col.figures()
+    assert (f["image_shape_small"].hits, f["image_shape_small"].n) == (0, 1)
+    assert (f["image_shape_large"].hits, f["image_shape_large"].n) == (1, 1)
+    assert (f["image_shape"].hits, f["image_shape"].n) == (1, 2)
