@@ -969,8 +969,8 @@ class _Collector:
         for a, t, r in zip(ATTRIBUTES, truth, read):
             self.add(f"{task}_{a}", r == t, CHANCE[a])
             table[a][t][r if r is not None else "none"] += 1
-        # Shape by size: at the tiny decoder's 16 px a small circle and a small square differ by
-        # under a pixel at the corners, so the shape figure is mostly how those two are told apart.
+        # Shape by the true size: shows whether shape misses are the small shapes, which the tiny
+        # decoder's 16 px barely resolves (docs/architecture.md, "Where shape is lost").
         self.add(f"{task}_shape_{truth.size}", read.shape == truth.shape, CHANCE["shape"])
         self.add(f"{task}_all", read == truth, CHANCE_ALL)
 
@@ -988,7 +988,6 @@ class QualityReport:
 
     figures (`FIGURE_LABELS` says what each measures; only the tasks that ran are present):
     - image_*: text -> image, one prompt, one image read by `score_image_all` (n = num_prompts);
-      <task>_shape_small / _large: the shape figure of the cases whose true size is small / large;
     - caption_*: image -> text, the first sentence read by `read_caption` (n = num_images);
     - story_*: held-out stories whose change sentences are given; the model draws every image
       and writes the sentence after it. Images 2+ against what the text implies (n = num_stories
@@ -997,7 +996,9 @@ class QualityReport:
       the scorer reads from that image (n = num_stories x story_images);
     - free_story_*: the model writes the whole story from its first sentence (`Document`, the
       served loop): free_story_drew = stories with >= 2 images, free_story_all = images 2+ against
-      the state its own change sentences imply, free_story_caption as story_caption.
+      the state its own change sentences imply, free_story_caption as story_caption;
+    - image/caption/story_shape_small and _large: the shape figure of the cases whose true size is
+      small / large (the two add up to <task>_shape).
     confusion[task][attribute][true][read] counts (task: image, caption, story; read "none": the
     caption did not name it). examples: a few cases per task for a report's grid; images as
     base64 PNG ("png", "pngs"). `to_dict()` is plain JSON.

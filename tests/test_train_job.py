@@ -229,6 +229,18 @@ def test_workers_of_one_host_restore_one_remote_checkpoint_side_by_side(tmp_path
     assert checkpoint_text(checkpoint, "absent.json") == ""
 
 
+def test_a_checkpoint_without_trainer_state_is_one_clear_error(tmp_path):
+    from ray.train import Checkpoint
+
+    from pipelines.train.loop import STATE_FILE, TrainerState, trainer_state
+
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(RuntimeError, match=f"checkpoint .*ckpt has no {STATE_FILE}.*start a new run"):
+        trainer_state(Checkpoint(str(tmp_path / "ckpt")))
+    (tmp_path / "ckpt" / STATE_FILE).write_text('{"step": 7}')
+    assert trainer_state(Checkpoint(str(tmp_path / "ckpt"))) == TrainerState(step=7)
+
+
 def test_too_few_rows_per_worker_is_one_error_before_any_worker_starts(data_dir, tmp_path):
     """48 rows, 2 workers: 24 each, less than a micro-batch of 32. The driver says so at once,
     instead of every worker failing and Ray Train retrying the group."""

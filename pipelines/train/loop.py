@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
@@ -212,14 +213,22 @@ def read_state() -> tuple[TrainerState, Any]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainerState(), None
-    return TrainerState(**json.loads(checkpoint_text(checkpoint, STATE_FILE))), checkpoint
+    return trainer_state(checkpoint), checkpoint
+
+
+def trainer_state(checkpoint: Any) -> TrainerState:
+    """The TrainerState a checkpoint holds; a checkpoint without one (not written by this trainer,
+    or cut short) is one clear error naming it, not a JSON traceback."""
+    text = checkpoint_text(checkpoint, STATE_FILE)
+    if not text:
+        raise RuntimeError(f"checkpoint {checkpoint.path} has no {STATE_FILE}: it was not written (or not "
+                           "finished) by `dreamcore train`; remove it from the run's storage or start a new run")
+    return TrainerState(**json.loads(text))
 
 
 def checkpoint_text(checkpoint: Any, name: str) -> str:
     """One small file of a Ray Train checkpoint, read where it lies ("" if absent): not the whole
     checkpoint, whose model and optimizer states `restore_engine` downloads once."""
-    import pyarrow.fs as pafs
-
     if checkpoint is None:
         return ""
     path = f"{checkpoint.path.rstrip('/')}/{name}"
@@ -237,8 +246,6 @@ def checkpoint_dir(checkpoint: Any) -> Iterator[Path]:
     every process of a host, and when one worker has read it and deleted it while another waited
     on its lock, the other fails ("Checkpoint directory ... does not exist"); several workers on
     one node restoring one checkpoint hit that."""
-    import pyarrow.fs as pafs
-
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         yield Path(checkpoint.path)
         return
